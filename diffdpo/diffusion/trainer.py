@@ -1,6 +1,7 @@
 """Diffusion-DPO fine-tuning of a text-to-audio or text-to-image diffusion model on preference pairs.
 
     python recipes/diffusion_dpo.py --config recipes/configs/tango2_dpo.yaml [key.sub=value ...] [--resume]
+    diffdpo train --config recipes/configs/tango2_dpo.yaml ...            # the same, installed
     accelerate launch recipes/diffusion_dpo.py --config recipes/configs/sd15_dpo.yaml
 
 Families: tango (Tango-shaped folder, docs/model_layout.md), audioldm, audioldm2, sd15, sdxl.
@@ -33,18 +34,15 @@ import argparse
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from tqdm.auto import tqdm
 
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from diffdpo.config import load_config, save_config, to_dict  # noqa: E402
-from diffdpo.losses import LOSS_TYPES, diffusion_beta  # noqa: E402
+from diffdpo.config import load_config, save_config, to_dict
+from diffdpo.losses import LOSS_TYPES, diffusion_beta
 
 log = logging.getLogger("diffusion_dpo")
 
@@ -460,13 +458,14 @@ def _step_metrics(t: dict[str, torch.Tensor], n_buckets: int) -> dict[str, float
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (recipes/configs/*_dpo.yaml)")
     parser.add_argument("--resume", nargs="?", const=True, default=False,
                         help="resume from the latest checkpoint in <output_dir>/checkpoints (or a given one)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=2000 train.max_steps=10")
-    args = parser.parse_args(argv)
+
+
+def train_from_args(args: argparse.Namespace) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(DiffusionDPOConfig, args.config, args.overrides)
     result = train(cfg, resume=args.resume)
@@ -476,5 +475,14 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    main()
+def run(args: argparse.Namespace) -> int:
+    """``diffdpo train``."""
+    train_from_args(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python recipes/diffusion_dpo.py``; returns the run's history for scripts and tests."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return train_from_args(parser.parse_args(argv))
