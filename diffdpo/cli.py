@@ -13,6 +13,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "soundworld": ("diffdpo.worlds.soundworld.command", "SoundWorld: make data, sample the base model, run the oracle"),
     "eval": ("diffdpo.commands.eval", "evaluate generated media: CLAP score, FAD (and FAD-inf), CLIP score"),
     "prefs": ("diffdpo.commands.prefs", "build a Tango 2-style preference set (build) or verify one (check)"),
+    "train": ("diffdpo.diffusion.trainer", "Diffusion-DPO fine-tuning from a YAML config (= recipes/diffusion_dpo.py)"),
+    "demo": ("diffdpo.worlds.soundworld.demo", "the main job: SoundWorld preference build -> Diffusion-DPO -> "
+             "oracle evaluation -> report"),
     "smoke": ("diffdpo.commands.smoke", "end-to-end smoke run of the loss core on a synthetic preference task"),
 }
 

@@ -60,7 +60,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for name, value in data.items():
         sub = _dataclass_type(hints[name])
         if sub and isinstance(value, dict):
-            kwargs[name] = from_dict(sub, value, f"{prefix}{name}.")
+            # start from the field's own default (a default_factory may differ from sub's defaults)
+            factory = fields[name].default_factory
+            default = factory() if factory is not dataclasses.MISSING else None
+            base = to_dict(default) if dataclasses.is_dataclass(default) else {}
+            kwargs[name] = from_dict(sub, merge(base, value), f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(hints[name], value, prefix + name)
     return cls(**kwargs)

@@ -41,6 +41,18 @@ def test_config_yaml_and_dotted_overrides(tmp_path):
     assert parse_overrides(["a.b.c=[1, 2]", "d=true"]) == {"a": {"b": {"c": [1, 2]}}, "d": True}
 
 
+def test_partial_nested_config_keeps_the_fields_own_default():
+    """A nested section given in part starts from the field's default_factory, not from the
+    section class's bare defaults (BuildConfig's temporal strategy is such a field)."""
+
+    @dataclass
+    class Outer:
+        optim: Optim = field(default_factory=lambda: Optim(lr=0.1, betas=[0.5, 0.5]))
+
+    cfg = load_config(Outer, None, ["optim.lr=0.2"])
+    assert (cfg.optim.lr, cfg.optim.betas) == (0.2, [0.5, 0.5])
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["optim.lrr=1"], r"unknown config key\(s\) \['optim.lrr'\]"),
     (["steps=0"], "steps: must be positive"),
