@@ -42,9 +42,12 @@ def test_grad_accum_4x2_equals_batch_8(tok, data, tmp_path, padding_free):
         res = train(_cfg(data, tmp_path / f"{bs}x{acc}", f"train.batch_size={bs}", f"train.grad_accum={acc}",
                          "train.max_grad_norm=0.01", f"train.padding_free={padding_free}"), H.model(tok), tok)
         runs.append(res)
-    for a, b in zip(runs[0]["history"], runs[1]["history"]):
+    for step, (a, b) in enumerate(zip(runs[0]["history"], runs[1]["history"])):
         assert a["grad_norm"] > 0.01  # clipping was active
-        for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "nll", "kl", "entropy"):
+        keys = ["loss", "grad_norm", "rewards/margins", "nll", "kl", "entropy"]
+        if step > 0:  # at step 1 policy == reference: margins are rounding noise around 0 and whether
+            keys.append("rewards/accuracies")  # one is exactly 0 (a tie, 0.5) depends on the padding
+        for key in keys:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     pa, pb = _params(runs[0]["model"]), _params(runs[1]["model"])
     for n in pa:
