@@ -3,14 +3,15 @@
 It plays laion-clap's role in preference building and CLAP scoring, and implements the CLAP
 backend interface of :mod:`diffdpo.metrics.clap` (backend name ``"soundworld"``). Audio encoder:
 convolutions over the log-mel (pooled over frequency, then in time), a one-layer transformer
-over the remaining 16 time steps with positional embeddings, mean-pooled. Text encoder: word
+over the remaining 16 time steps with positional embeddings, mean-pooled per time segment
+(``audio_segments``) and concatenated. Text encoder: word
 embeddings + positions, a two-layer transformer, mean-pooled over the caption. Trained with the
 symmetric InfoNCE loss of CLIP/CLAP on SoundWorld clips and their captions. Trained with in-batch
 negatives alone it learned *which* events a clip holds but not their order (order win rate 0.52
 on held-out sequences, like laion-clap's known weakness), which left the preference builder's
-temporal strategy without a signal; so each sequence clip also gets its own caption with the
-events reversed as a hard negative (``order_negatives``), and the order it learns is measured
-(:func:`order_awareness`).
+temporal strategy without a signal. Reversed-caption hard negatives alone (``order_negatives``)
+moved that to 0.55 in 10 minutes: a clip-wide mean pool all but erases *when*; pooling per time
+segment keeps it. The order it learns is measured (:func:`order_awareness`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class ClapArch:
     text_layers: int = field(default=2, metadata={"help": "text transformer layers"})
     audio_channels: tuple[int, ...] = field(default=(32, 48, 64), metadata={"help": "audio conv widths"})
     max_tokens: int = field(default=32, metadata={"help": "longest caption in tokens"})
+    audio_segments: int = field(default=4, metadata={
+        "help": "time segments pooled separately and concatenated (1 = mean over the whole clip)"})
 
 
 @dataclass
@@ -67,13 +70,18 @@ class _AudioTower(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, steps, arch.width))
         self.encoder = nn.TransformerEncoder(
             nn.TransformerEncoderLayer(arch.width, 4, 2 * arch.width, dropout=0.0, batch_first=True), 1)
-        self.out = nn.Linear(arch.width, arch.embed_dim)
+        if steps % arch.audio_segments:
+            raise ValueError(f"audio_segments {arch.audio_segments} must divide the {steps} encoder time steps")
+        self.segments = arch.audio_segments
+        self.out = nn.Linear(arch.width * arch.audio_segments, arch.embed_dim)
 
     def forward(self, logmel: torch.Tensor) -> torch.Tensor:
         x = (logmel - logmel.mean(dim=(1, 2), keepdim=True)) / (logmel.std(dim=(1, 2), keepdim=True) + 1e-5)
         h = self.conv(x.unsqueeze(1))                      # [B, C, F', T']
         h = self.proj_in(h.flatten(1, 2).transpose(1, 2))  # [B, T', W]
-        return self.out(self.encoder(h + self.pos).mean(1))
+        h = self.encoder(h + self.pos)
+        # pooled per time segment, so *when* something happens survives into the embedding
+        return self.out(h.reshape(len(h), self.segments, -1, h.shape[-1]).mean(2).flatten(1))
 
 
 class _TextTower(nn.Module):
