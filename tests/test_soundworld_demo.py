@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from diffdpo.config import from_dict
+from helpers.chromium import browser, page_problems  # noqa: F401  (browser is a fixture)
 
 TINY = {
     "train_captions": 6,
@@ -50,6 +51,19 @@ def test_every_stage_ran_and_wrote_its_numbers(demo):
     for ex in results["examples"]:
         for rel in ex["media"].values():
             assert (__import__("pathlib").Path(out) / rel).is_file()
+
+
+def test_demo_report_loads_in_a_browser(demo, browser):
+    """The page the demo wrote: renders its table, every spectrogram and audio player loads, no
+    console errors."""
+    from pathlib import Path
+
+    cfg, results = demo
+    found = browser.check_page(Path(cfg.out) / "report.html")
+    assert page_problems(found) == []
+    assert results["table"][0]["metric"] in found["text"]
+    n = len(results["examples"]) * 3  # base, dpo, sft
+    assert len(found["audios"]) == n and len(found["images"]) == n and n > 0
 
 
 def test_paired_deltas_are_the_differences_of_the_rows(demo):

@@ -139,7 +139,8 @@ class SoundWorldClap(AudioTextEmbedder):
             raise FileNotFoundError(f"{path}: no SoundWorld CLAP (expected config.json, model.safetensors, "
                                     "tokenizer/; built by recipes/soundworld_pretrain.py stages=[clap])")
         cfg = json.loads((path / "config.json").read_text())
-        arch = ClapArch(**{**cfg["arch"], "audio_channels": tuple(cfg["arch"]["audio_channels"])})
+        # folders written before audio_segments existed used one clip-wide mean pool
+        arch = ClapArch(**{"audio_segments": 1, **cfg["arch"], "audio_channels": tuple(cfg["arch"]["audio_channels"])})
         audio = AudioConfig(**cfg["audio"])
         tok = load_tokenizer(path / "tokenizer")
         net = ClapNet(len(tok), audio, arch)

@@ -1,0 +1,125 @@
+"""Over-optimisation on SoundWorld: proxy (CLAP) vs oracle as beta, training steps and an SFT term vary.
+
+    python recipes/soundworld_sweep.py --config recipes/configs/soundworld_sweep.yaml [key=value ...]
+
+Reuses a finished demo directory (its preference set and its base-model evaluation), trains one
+Diffusion-DPO run per variant with checkpoints, and evaluates each listed checkpoint on the same
+held-out captions and seeds as the demo: the proxy's score (SoundWorld CLAP cosine, what the
+preference set optimised) beside the oracle's (caption satisfied). Writes ``sweep.json`` and a
+markdown table ``sweep.md``; finished runs and evaluations are read back on a rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffdpo.config import from_dict, load_config, merge, to_dict
+from diffdpo.worlds.soundworld.demo import DemoConfig, EvalSettings, evaluate_pipeline
+
+
+@dataclass
+class SweepConfig:
+    demo: str = field(default="runs/soundworld_demo", metadata={"help": "a finished `diffdpo demo` directory"})
+    out: str = field(default="runs/soundworld_sweep")
+    steps: list[int] = field(default_factory=lambda: [75, 150, 300], metadata={"help": "checkpoints to evaluate"})
+    runs: dict = field(default_factory=dict, metadata={"help": "name -> DiffusionDPOConfig overrides of the demo's"})
+    evaluate: EvalSettings | None = field(default=None, metadata={"help": "default: the demo's settings"})
+    threads: int = 0
+
+
+def _load_checkpoint(base_dir: str, checkpoint: Path):
+    from safetensors.torch import load_file
+
+    from diffdpo.diffusion.trainer import load_trainable_state
+    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+
+    pipe = SoundWorldPipeline.from_pretrained(base_dir)
+    load_trainable_state(pipe.unet, load_file(checkpoint / "trainable.safetensors"))
+    return pipe
+
+
+def _summary(rows: list[dict], base_rows: list[dict], key: str) -> dict:
+    import numpy as np
+
+    from diffdpo.metrics.stats import mean_ci
+
+    v = np.array([float(r[key]) for r in rows])
+    d = v - np.array([float(r[key]) for r in base_rows])
+    ci, dci = mean_ci(v), mean_ci(d)
+    return {"mean": float(v.mean()), "ci95": [ci.low, ci.high],
+            "delta_vs_base": float(d.mean()), "delta_ci95": [dci.low, dci.high], "n": len(v)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    from diffdpo.diffusion.trainer import DiffusionDPOConfig, train
+    from diffdpo.worlds.soundworld.clap import SoundWorldClap
+    from diffdpo.worlds.soundworld.dataset import clips
+    from diffdpo.worlds.soundworld.demo import _model_dir
+    from diffdpo.worlds.soundworld.oracle import Oracle
+    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = load_config(SweepConfig, args.config, args.overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    demo_dir, out = Path(cfg.demo), Path(cfg.out)
+    demo = load_config(DemoConfig, demo_dir / "demo_config.yaml")
+    ev = cfg.evaluate or demo.evaluate
+    if (ev.captions, ev.steps, ev.guidance, ev.seed) != (demo.evaluate.captions, demo.evaluate.steps,
+                                                         demo.evaluate.guidance, demo.evaluate.seed):
+        raise ValueError("evaluate: the sweep compares against the demo's base evaluation, so captions, steps, "
+                         "guidance and seed must be the demo's")
+    scenes, _ = clips(demo.data_seed, "test", ev.captions)
+    oracle, clap = Oracle.from_pretrained(), SoundWorldClap()
+    base_dir = _model_dir(demo, demo_dir, "base")
+    base = evaluate_pipeline(lambda: SoundWorldPipeline.from_pretrained(base_dir), demo_dir / "eval" / "base",
+                             scenes, oracle, clap, ev, "base")
+    table = []
+    for name, overrides in cfg.runs.items():
+        run_dir = out / name
+        last = max(cfg.steps)
+        tcfg = from_dict(DiffusionDPOConfig, merge(merge(demo.dpo, overrides or {}), {
+            "model": {"family": "tango", "name_or_path": base_dir},
+            "data": {"source": "jsonl", "path": str(demo_dir / "prefs")},
+            "train": {"output_dir": str(run_dir), "seed": demo.seed, "report_to": "none", "max_steps": last,
+                      "save_every": min(cfg.steps), "keep_last": None}}))
+        if not (run_dir / "final").exists():
+            train(tcfg, resume=True)
+        for step in cfg.steps:
+            checkpoint = run_dir / "checkpoints" / f"step_{step}"
+            result = evaluate_pipeline(lambda c=checkpoint: _load_checkpoint(base_dir, c),
+                                       run_dir / "eval" / f"step_{step}", scenes, oracle, clap, ev, f"{name} @ {step}")
+            table.append({"run": name, "step": step, "overrides": overrides,
+                          "proxy_clap": _summary(result["rows"], base["rows"], "clap"),
+                          "oracle_satisfied": _summary(result["rows"], base["rows"], "satisfied"),
+                          "oracle_order": _summary([r for r in result["rows"] if r["kind"] == "sequence"],
+                                                   [r for r in base["rows"] if r["kind"] == "sequence"],
+                                                   "order_correct")})
+    report = {"demo": str(demo_dir), "evaluate": to_dict(ev), "base": {
+        "proxy_clap": _summary(base["rows"], base["rows"], "clap"),
+        "oracle_satisfied": _summary(base["rows"], base["rows"], "satisfied")}, "table": table}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(report, indent=2))
+    lines = ["| run | step | proxy CLAP (delta vs base) | oracle satisfied (delta vs base) | order, sequences (delta) |",
+             "|---|---|---|---|---|"]
+    fmt = lambda s: f"{s['mean']:.3f} ({s['delta_vs_base']:+.3f} [{s['delta_ci95'][0]:+.3f}, {s['delta_ci95'][1]:+.3f}])"
+    for row in table:
+        lines.append(f"| {row['run']} | {row['step']} | {fmt(row['proxy_clap'])} | {fmt(row['oracle_satisfied'])} "
+                     f"| {fmt(row['oracle_order'])} |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return report
+
+
+if __name__ == "__main__":
+    main()
