@@ -87,6 +87,21 @@ def test_loss_equals_salesforce_form(kind):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
 
 
+def test_sft_only_step_is_the_winners_denoising_error():
+    """Tango 2's SFT epochs: the mean of the winners' MSE at the pair's draws, no reference used."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    policy = tiny_unet()
+    w, l, cond = batch()
+    draws = draw_pairs([pair_seed(0, i, 0) for i in range(B)], (4, 8, 8), 1000, 0.0)
+    out = diffusion_dpo_step(predict, policy, None, scheduler, w, l, cond, draws, list(range(B)), sft_only=True)
+    a = scheduler.alphas_cumprod[draws.step_index].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * w + (1 - a).sqrt() * draws.noise
+    hand = ((policy(noisy, draws.step_index, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+             - draws.noise) ** 2).mean()
+    torch.testing.assert_close(out.loss, hand, rtol=1e-5, atol=1e-7)
+    assert set(out.per_pair()) == {"mse/policy_chosen"}
+
+
 def test_flow_matching_target_is_noise_minus_data():
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
     w, l, _ = batch()

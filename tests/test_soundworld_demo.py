@@ -123,3 +123,14 @@ def test_results_table_against_hand_numbers():
     assert table["order_correct"]["n"] == 2 and table["order_correct"]["models"]["dpo"]["mean"] == 1.0
     assert table["fad"]["models"]["base"]["mean"] == pytest.approx(frechet_distance(ref, evals["base"]["embeddings"]))
     assert set(table["satisfied"]["deltas"]) == {"dpo - base"}
+
+
+def test_recipe_yaml_is_the_command_default():
+    """`diffdpo demo` alone and `--config recipes/configs/soundworld_demo.yaml` run the same job."""
+    from pathlib import Path
+
+    from diffdpo.config import load_config
+    from diffdpo.worlds.soundworld.demo import DemoConfig
+
+    yaml_path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "soundworld_demo.yaml"
+    assert load_config(DemoConfig, yaml_path) == DemoConfig()

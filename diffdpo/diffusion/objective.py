@@ -4,8 +4,8 @@
     reference errors (w, l) at the same inputs (frozen copy / LoRA-disabled / cached)
     logratio = -(err_policy - err_reference)  ->  diffdpo.losses.preference_loss
 
-``sft_only`` (the SFT-first epochs of Tango 2) returns the winners' policy error and skips the
-reference; ``sft_weight`` adds that error to every pair's preference loss (CRPO / RPO-style).
+``sft_only`` (the SFT-first epochs of Tango 2) returns the winners' policy error, computing
+neither the losers' nor the reference's; ``sft_weight`` adds that error to every pair's preference loss (CRPO / RPO-style).
 """
 
 from __future__ import annotations
@@ -16,20 +16,22 @@ from typing import Callable
 from torch import Tensor
 
 from diffdpo.diffusion.encode import repeat_for_pair
-from diffdpo.diffusion.logratios import PairDraws, logratios, pair_errors, pair_inputs
+from diffdpo.diffusion.logratios import PairDraws, logratios, pair_errors, pair_inputs, per_sample_mse
 from diffdpo.losses import PreferenceLossOutput, preference_loss
 
 
 @dataclass
 class DPOStep:
     loss: Tensor
-    policy_errors: tuple[Tensor, Tensor]
+    policy_errors: tuple[Tensor, Tensor | None]
     reference_errors: tuple[Tensor, Tensor] | None = None
     core: PreferenceLossOutput | None = None
 
     def per_pair(self) -> dict[str, Tensor]:
         """Detached ``[B]`` tensors for logging (gathered across processes by the recipe)."""
-        out = {"mse/policy_chosen": self.policy_errors[0], "mse/policy_rejected": self.policy_errors[1]}
+        out = {"mse/policy_chosen": self.policy_errors[0]}
+        if self.policy_errors[1] is not None:  # None in SFT-only steps
+            out["mse/policy_rejected"] = self.policy_errors[1]
         if self.reference_errors is not None:
             out["mse/ref_chosen"], out["mse/ref_rejected"] = self.reference_errors
             out["rewards/chosen"], out["rewards/rejected"] = self.core.chosen_rewards, self.core.rejected_rewards
@@ -46,14 +48,16 @@ def diffusion_dpo_step(predict: Callable, policy, reference, scheduler, chosen_l
     per-pair condition after prompt dropout, repeated here for both halves.
     """
     inputs = pair_inputs(scheduler, chosen_latents, rejected_latents, draws)
+    if sft_only:  # winners only: the losers' half would cost a forward and backward for nothing
+        b = len(chosen_latents)
+        err_w = per_sample_mse(predict(policy, inputs.noisy[:b], inputs.timesteps[:b], cond), inputs.target[:b])
+        return DPOStep(err_w.mean(), (err_w, None))
     cond2 = repeat_for_pair(cond)
 
     def errors_of(unet) -> tuple[Tensor, Tensor]:
         return pair_errors(lambda x, t, c: predict(unet, x, t, c), inputs, cond2)
 
     policy_err = errors_of(policy)
-    if sft_only:
-        return DPOStep(policy_err[0].mean(), policy_err)
     ref_err = reference.errors(errors_of, indices)
     ref_err = (ref_err[0].to(policy_err[0]), ref_err[1].to(policy_err[1]))
     chosen, rejected = logratios(policy_err, ref_err)

@@ -38,13 +38,28 @@ MODELS = ("base", "dpo", "sft")
 DELTAS = (("dpo", "base"), ("dpo", "sft"), ("sft", "base"))
 
 
+# The demo's settings (recipes/configs/soundworld_demo.yaml says the same, with the reasons).
+DEFAULT_PREFS = {
+    "num_samples": 3, "shard_size": 16,
+    "generator": {"num_inference_steps": 10, "guidance_scale": 3.0, "batch_size": 64},
+    "multi_sample": {"min_gap": 0.05},
+    "perturbed": {"kinds": ["drop_event", "replace_event"], "num_perturbations": 1, "min_gap": 0.05},
+    "temporal": {"num_perturbations": 1, "samples_per_perturbation": 2, "min_gap": 0.0},
+}
+DEFAULT_DPO = {
+    "loss": {"type": "sigmoid", "beta": 2000, "beta_convention": "tango2"},
+    "reference": "copy",
+    "train": {"per_device_batch": 8, "max_steps": 120, "lr": 2e-5, "weight_decay": 0.0, "lr_scheduler": "constant"},
+}
+
+
 @dataclass
 class EvalSettings:
-    captions: int = field(default=240, metadata={"help": "held-out test captions (one sample each per model)"})
+    captions: int = field(default=200, metadata={"help": "held-out test captions (one sample each per model)"})
     steps: int = field(default=10, metadata={"help": "DDIM steps"})
     guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale"})
     seed: int = field(default=1234, metadata={"help": "caption i uses noise seed + i, for every model"})
-    batch_size: int = 48
+    batch_size: int = 64
     examples: int = field(default=6, metadata={"help": "captions whose audio goes into the report"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the intervals"})
 
@@ -56,9 +71,11 @@ class DemoConfig:
     data_seed: int = field(default=0, metadata={"help": "SoundWorld data seed (train captions, test captions)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
     base_model: str | None = field(default=None, metadata={"help": "Tango-layout folder (default: shipped weights)"})
-    train_captions: int = field(default=160, metadata={"help": "SoundWorld training captions to build pairs from"})
-    prefs: dict = field(default_factory=dict, metadata={"help": "diffdpo.prefs.build.BuildConfig fields"})
-    dpo: dict = field(default_factory=dict, metadata={"help": "diffdpo.diffusion.trainer.DiffusionDPOConfig fields"})
+    train_captions: int = field(default=96, metadata={"help": "SoundWorld training captions to build pairs from"})
+    prefs: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_PREFS)),
+                        metadata={"help": "diffdpo.prefs.build.BuildConfig fields"})
+    dpo: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_DPO)),
+                      metadata={"help": "diffdpo.diffusion.trainer.DiffusionDPOConfig fields"})
     sft_baseline: bool = field(default=True, metadata={"help": "also train the SFT-on-winners baseline"})
     evaluate: EvalSettings = field(default_factory=EvalSettings)
 
