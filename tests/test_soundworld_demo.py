@@ -134,3 +134,23 @@ def test_recipe_yaml_is_the_command_default():
 
     yaml_path = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "soundworld_demo.yaml"
     assert load_config(DemoConfig, yaml_path) == DemoConfig()
+
+
+def test_sweep_evaluates_checkpoints_against_the_demos_base(demo, tmp_path):
+    """recipes/soundworld_sweep.py on the reduced demo: every (run, step) is evaluated on the
+    demo's captions and seeds; the base row's deltas are zero by construction."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import soundworld_sweep
+
+    cfg, _ = demo
+    report = soundworld_sweep.main([f"demo={cfg.out}", f"out={tmp_path / 'sweep'}", "steps=[1,2]",
+                                    "runs={dpo: {}, dpo_sft: {loss: {sft_weight: 10.0}}}"])
+    assert [(r["run"], r["step"]) for r in report["table"]] == [("dpo", 1), ("dpo", 2), ("dpo_sft", 1), ("dpo_sft", 2)]
+    assert report["base"]["oracle_satisfied"]["delta_vs_base"] == 0.0
+    for row in report["table"]:
+        assert row["oracle_satisfied"]["n"] == cfg.evaluate.captions
+        assert -1 <= row["proxy_clap"]["delta_vs_base"] <= 1
+    assert (tmp_path / "sweep" / "sweep.md").read_text().count("\n") == 6
