@@ -66,6 +66,16 @@ def test_demo_report_loads_in_a_browser(demo, browser):
     assert len(found["audios"]) == n and len(found["images"]) == n and n > 0
 
 
+def test_pair_audit_counts_every_pair_once(demo):
+    cfg, results = demo
+    audit = results["pair_audit"]
+    assert audit["all"]["pairs"] == results["settings"]["pairs"]["dpo"]
+    assert sum(a["pairs"] for k, a in audit.items() if k != "all") == audit["all"]["pairs"]
+    for a in audit.values():
+        assert a["winner_only"] + a["loser_only"] + a["tie"] == pytest.approx(1.0)
+        assert a["winner_satisfied"] - a["loser_satisfied"] == pytest.approx(a["winner_only"] - a["loser_only"])
+
+
 def test_paired_deltas_are_the_differences_of_the_rows(demo):
     """A delta row is the mean of per-caption differences, i.e. the difference of the means."""
     cfg, results = demo

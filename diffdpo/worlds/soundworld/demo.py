@@ -12,7 +12,8 @@
    ``seed + i`` for every model: the oracle's verdict, CLAP score, and FAD of SoundWorld-CLAP
    audio embeddings against the real test clips, each with a bootstrap 95% interval, and paired
    differences (same captions, same seeds) with theirs;
-5. **report**: ``results.json`` (every number with its N and settings) and ``report.html``.
+5. **report**: ``results.json`` (every number with its N and settings, and the oracle's audit of
+   the pairs: how often a winner really is the better sample) and ``report.html``.
 
 Every stage writes its output once and is skipped when it is there, so a run that stopped
 resumes where it was (the preference builder and the trainer also resume inside a stage).
@@ -175,6 +176,34 @@ def example_indices(scenes, n: int) -> list[int]:
     return (multi + [i for i in range(len(scenes)) if i not in multi])[:n]
 
 
+def audit_pairs(prefs_dir: Path, oracle) -> dict:
+    """The oracle's view of the preference set: per strategy, how often the winner satisfies its
+    caption where the loser does not, the reverse, or neither/both (a tie) — what DPO can learn."""
+    import soundfile as sf
+
+    from diffdpo.data.records import read_jsonl
+    from diffdpo.worlds.soundworld.oracle import score_detection
+    from diffdpo.worlds.soundworld.scenes import scene_from_caption
+
+    def satisfied(scene, detection) -> float:
+        r = score_detection(scene, detection)
+        return float(r["events_exact"] and r["order_correct"] is not False)
+
+    by_strategy: dict[str, list[tuple[float, float]]] = {}
+    for rec in read_jsonl(prefs_dir / "prefs.jsonl"):
+        scene = scene_from_caption(rec.prompt)
+        clips = [sf.read(prefs_dir / path, dtype="float32")[0] for path in (rec.chosen, rec.rejected)]
+        won, lost = (satisfied(scene, d) for d in oracle.detect(clips))
+        by_strategy.setdefault(rec.strategy or "?", []).append((won, lost))
+    out = {}
+    for name, pairs in [*by_strategy.items(), ("all", [p for v in by_strategy.values() for p in v])]:
+        a = np.array(pairs)
+        out[name] = {"pairs": len(a), "winner_only": float(np.mean(a[:, 0] > a[:, 1])),
+                     "loser_only": float(np.mean(a[:, 0] < a[:, 1])), "tie": float(np.mean(a[:, 0] == a[:, 1])),
+                     "winner_satisfied": float(a[:, 0].mean()), "loser_satisfied": float(a[:, 1].mean())}
+    return out
+
+
 # ------------------------------------------------------------------ numbers
 
 METRICS = (  # (key, label, row filter, higher is better)
@@ -273,6 +302,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     oracle, clap = Oracle.from_pretrained(), SoundWorldClap()
     evals = {m: stage(f"evaluate {m}", evaluate_model, cfg, out, m, scenes, oracle, clap)
              for m in ("base", *runs)}
+    audit = stage("audit pairs", audit_pairs, out / "prefs", oracle)
     reference = clap.embed_audio(list(real_audio)).double().numpy()
     table = results_table(evals, scenes, reference, cfg.evaluate.bootstrap)
 
@@ -286,10 +316,13 @@ def run_demo(cfg: DemoConfig) -> dict:
                          "media": {m: f"eval/{m}/audio/{i:04d}.wav" for m in evals}, "verdict": verdict})
     results = {
         "title": "SoundWorld demo: Diffusion-DPO vs base vs SFT-on-winners, judged by the oracle",
-        "summary": summary_text(table),
+        "summary": summary_text(table) + " The oracle on the {pairs} pairs: the winner satisfies its caption and the "
+                   "loser does not in {winner_only:.0%}, the reverse in {loser_only:.0%}, a tie in {tie:.0%}.".format(
+                       **audit["all"]),
         "table": table,
         "curves": {name: [{"step": k + 1, **h} for k, h in enumerate(r["history"])] for name, r in runs.items()},
         "examples": examples,
+        "pair_audit": audit,
         "settings": {"demo": to_dict(cfg), "prefs_manifest": {k: v for k, v in manifest.items() if k != "config"},
                      "train": {name: r["config"] for name, r in runs.items()},
                      "pairs": {name: r["pairs"] for name, r in runs.items()},
@@ -300,11 +333,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     html = write_report(results, out)
-    print_summary(table, out, html, timings)
+    print_summary(table, audit, out, html, timings)
     return results
 
 
-def print_summary(table: list[dict], out: Path, html: Path, timings: dict) -> None:
+def print_summary(table: list[dict], audit: dict, out: Path, html: Path, timings: dict) -> None:
     models = list(table[0]["models"])
     deltas = list(table[0]["deltas"])
     print(f"\n{'metric':58s}" + "".join(f"{m:>9s}" for m in models) + "".join(f"{d:>26s}" for d in deltas))
@@ -314,6 +347,9 @@ def print_summary(table: list[dict], out: Path, html: Path, timings: dict) -> No
             v = row["deltas"].get(d)
             line += f"{v['mean']:+8.3f} [{v['ci95'][0]:+.3f},{v['ci95'][1]:+.3f}]" if v else " " * 26
         print(line)
+    print("\nthe oracle on the pairs: winner satisfies its caption and the loser not / the reverse / tie")
+    for name, a in audit.items():
+        print(f"  {name:13s} {a['pairs']:4d} pairs  {a['winner_only']:.2f} / {a['loser_only']:.2f} / {a['tie']:.2f}")
     print(f"\nstage seconds: {timings}\nresults: {out / 'results.json'}\nreport:  {html}")
 
 
