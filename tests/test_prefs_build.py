@@ -59,6 +59,17 @@ def test_perturbed_picks_a_loser_below_the_winner_by_the_gap():
         select_perturbed(origs, pert, 0.0, loser="random")
 
 
+def test_min_winner_score_refuses_pairs_of_two_weak_samples():
+    origs = [cand("a", 0.2), cand("b", 0.5)]
+    pert = [cand("p", 0.1, "drop_event")]
+    assert select_multi_sample(origs, min_gap=0.1, min_winner_score=0.5).chosen.key == "b"  # the floor is inclusive
+    weak = select_multi_sample(origs, min_gap=0.1, min_winner_score=0.51)
+    assert isinstance(weak, NoPair) and "min_winner_score 0.51" in weak.reason
+    assert select_perturbed(origs, pert, 0.1, min_winner_score=0.5).rejected.key == "p"
+    weak = select_perturbed(origs, pert, 0.1, strategy="temporal", min_winner_score=0.6)
+    assert isinstance(weak, NoPair) and weak.strategy == "temporal"
+
+
 def test_captions_are_deduplicated_and_seeds_stable():
     unique, dropped = unique_captions(CAPTIONS)
     assert dropped == 2 and len(unique) == 6

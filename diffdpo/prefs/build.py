@@ -61,6 +61,8 @@ class PerturbConfig:
 class StrategyConfig:
     enabled: bool = True
     min_gap: float = 0.05
+    min_winner_score: float | None = field(default=None, metadata={
+        "help": "keep a pair only if its winner scores at least this (None: no floor)"})
     loser: str = field(default="lowest", metadata={"help": "perturbed strategies: lowest or hardest eligible sample"})
     kinds: list[str] = field(default_factory=list, metadata={"help": "perturbation kinds (perturbed strategies)"})
     num_perturbations: int = 2
@@ -281,12 +283,14 @@ def build_shard(config: BuildConfig, captions: list[tuple[str, str]], generator,
                              "reason": "no valid sample of the original caption"})
         selections: list[Selection | NoPair] = []
         if config.multi_sample.enabled:
-            selections.append(select_multi_sample(originals, config.multi_sample.min_gap))
+            selections.append(select_multi_sample(originals, config.multi_sample.min_gap,
+                                                  config.multi_sample.min_winner_score))
         for name in ("perturbed", "temporal"):
             strategy = getattr(config, name)
             if strategy.enabled:
                 perturbed = [cands[i] for i in idx if jobs[i].strategy == name]
-                selections.append(select_perturbed(originals, perturbed, strategy.min_gap, name, strategy.loser))
+                selections.append(select_perturbed(originals, perturbed, strategy.min_gap, name, strategy.loser,
+                                                   strategy.min_winner_score))
         for sel in selections:
             if isinstance(sel, NoPair):
                 no_pair[sel.strategy] += 1
