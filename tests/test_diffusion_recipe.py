@@ -121,7 +121,9 @@ def test_grad_accumulation_equals_one_big_batch(models, tmp_path):
     one = run(overrides(models("sd15"), tmp_path / "big", **{"train.per_device_batch": 4, **SGD}))
     acc = run(overrides(models("sd15"), tmp_path / "acc", **{"train.per_device_batch": 2, "train.grad_accum": 2,
                                                               **SGD}))
-    assert one["history"][1]["loss"] == pytest.approx(acc["history"][1]["loss"], rel=1e-4)
+    # step 2's loss is beta (2500) times differences of float32 MSEs: summation order (batch 4 vs
+    # 2 x 2, thread count) moved it by 1.2e-4 relative in a fresh-clone CI run; the update is the check
+    assert one["history"][1]["loss"] == pytest.approx(acc["history"][1]["loss"], rel=1e-3)
     assert_same_update(_unet_weights(Path(models("sd15"))), one["trainable"], acc["trainable"])
 
 
