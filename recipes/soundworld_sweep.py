@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     oracle, clap = Oracle.from_pretrained(), SoundWorldClap()
     base_dir = _model_dir(demo, demo_dir, "base")
     base = evaluate_pipeline(lambda: SoundWorldPipeline.from_pretrained(base_dir), demo_dir / "eval" / "base",
-                             scenes, oracle, clap, ev, "base")
+                             scenes, oracle, clap, ev, "base", base_dir)
     table = []
     for name, overrides in cfg.runs.items():
         run_dir = out / name
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
         for step in cfg.steps:
             checkpoint = run_dir / "checkpoints" / f"step_{step}"
             result = evaluate_pipeline(lambda c=checkpoint: _load_checkpoint(base_dir, c),
-                                       run_dir / "eval" / f"step_{step}", scenes, oracle, clap, ev, f"{name} @ {step}")
+                                       run_dir / "eval" / f"step_{step}", scenes, oracle, clap, ev, f"{name} @ {step}",
+                                       str(checkpoint))
             table.append({"run": name, "step": step, "overrides": overrides,
                           "proxy_clap": _summary(result["rows"], base["rows"], "clap"),
                           "oracle_satisfied": _summary(result["rows"], base["rows"], "satisfied"),

@@ -86,7 +86,7 @@ def test_paired_deltas_are_the_differences_of_the_rows(demo):
 
 def test_satisfied_is_events_and_order(demo):
     cfg, _ = demo
-    rows = json.loads(open(f"{cfg.out}/eval/base/rows.json").read())
+    rows = json.loads(open(f"{cfg.out}/eval/base/rows.json").read())["rows"]
     for r in rows:
         assert r["satisfied"] == bool(r["events_exact"] and r["order_correct"] is not False)
         assert -1.0 <= r["clap"] <= 1.0
@@ -108,6 +108,18 @@ def test_rerun_resumes_without_redoing_stages(demo, monkeypatch):
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
     again = demo_module.run_demo(cfg)
     assert again["table"] == results["table"]
+
+
+def test_rerun_with_other_settings_is_refused(demo, tmp_path):
+    """A changed stage setting must not silently reuse the old stage's output."""
+    import dataclasses
+
+    from diffdpo.worlds.soundworld import demo as demo_module
+
+    cfg, _ = demo
+    changed = dataclasses.replace(cfg, dpo={"train": {"per_device_batch": 2, "max_steps": 3}})
+    with pytest.raises(ValueError, match="other settings"):
+        demo_module.run_demo(changed)
 
 
 def test_results_table_against_hand_numbers():

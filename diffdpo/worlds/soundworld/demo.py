@@ -15,8 +15,10 @@
 5. **report**: ``results.json`` (every number with its N and settings, and the oracle's audit of
    the pairs: how often a winner really is the better sample) and ``report.html``.
 
-Every stage writes its output once and is skipped when it is there, so a run that stopped
-resumes where it was (the preference builder and the trainer also resume inside a stage).
+Every stage writes its output once (atomically) and is skipped when it is there, so a run that
+stopped resumes at the stage it was in (the preference builder also shard by shard). A stage's
+output records the settings it was made with; rerunning into the same ``out`` with other
+settings is refused rather than silently mixing old results with new ones.
 """
 
 from __future__ import annotations
@@ -84,14 +86,28 @@ class DemoConfig:
 # ------------------------------------------------------------------ stages
 
 
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _cached(path: Path, settings: dict):
+    """The stage output at ``path`` if it was made with ``settings``; None if there is none."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("settings") != json.loads(json.dumps(settings)):
+        raise ValueError(f"{path} was made with other settings than this run's; use another out directory "
+                         f"or remove {path.parent}")
+    return data
+
+
 def build_prefs(cfg: DemoConfig, out: Path) -> dict:
     from diffdpo.prefs.build import BuildConfig, build_preferences
     from diffdpo.worlds.soundworld.dataset import clips
 
     root = out / "prefs"
-    manifest = root / "manifest.json"
-    if manifest.exists():
-        return json.loads(manifest.read_text())
     scenes, _ = clips(cfg.data_seed, "train", cfg.train_captions)
     captions = out / "train_captions.txt"
     captions.write_text("".join(s.caption + "\n" for s in scenes))
@@ -99,6 +115,7 @@ def build_prefs(cfg: DemoConfig, out: Path) -> dict:
         "captions": str(captions), "out": str(root), "seed": cfg.seed,
         "generator": {**cfg.prefs.get("generator", {}), "kind": "soundworld", "path": cfg.base_model},
         "scorer": {**cfg.prefs.get("scorer", {}), "kind": "clap:soundworld"}}))
+    # a finished set is only re-assembled (no generation); one built with another config is refused
     return build_preferences(build)
 
 
@@ -107,19 +124,19 @@ def train_model(cfg: DemoConfig, out: Path, name: str) -> dict:
     from diffdpo.diffusion.trainer import DiffusionDPOConfig, train
 
     run_dir = out / name
-    done = run_dir / "history.json"
-    if done.exists():
-        return json.loads(done.read_text())
     overrides = {"model": {"family": "tango", "name_or_path": _model_dir(cfg, out, "base")},
                  "data": {"source": "jsonl", "path": str(out / "prefs")},
                  "train": {"output_dir": str(run_dir), "seed": cfg.seed, "report_to": "none"}}
     if name == "sft":
         overrides["loss"] = {"sft_epochs": 10**9}
     tcfg = from_dict(DiffusionDPOConfig, merge(cfg.dpo, overrides))
-    result = train(tcfg, resume=True)
-    summary = {"history": result["history"], "pairs": result["pairs"], "steps": result["steps"],
-               "final": str(result["final"]), "config": to_dict(tcfg)}
-    done.write_text(json.dumps(summary))
+    done = run_dir / "history.json"
+    if (summary := _cached(done, to_dict(tcfg))) is not None:
+        return summary
+    result = train(tcfg)
+    summary = {"settings": to_dict(tcfg), "history": result["history"], "pairs": result["pairs"],
+               "steps": result["steps"], "final": str(result["final"])}
+    _write_json(done, summary)
     return summary
 
 
@@ -135,11 +152,13 @@ def evaluate_model(cfg: DemoConfig, out: Path, name: str, scenes, oracle, clap) 
     """Generate the test captions with one model and judge every clip; cached in ``eval/<name>``."""
     from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
 
-    return evaluate_pipeline(lambda: SoundWorldPipeline.from_pretrained(_model_dir(cfg, out, name)),
-                             out / "eval" / name, scenes, oracle, clap, cfg.evaluate, f"evaluate {name}")
+    model_dir = _model_dir(cfg, out, name)
+    return evaluate_pipeline(lambda: SoundWorldPipeline.from_pretrained(model_dir), out / "eval" / name, scenes,
+                             oracle, clap, cfg.evaluate, f"evaluate {name}", model_dir)
 
 
-def evaluate_pipeline(load_pipe, folder: Path, scenes, oracle, clap, ev: EvalSettings, desc: str) -> dict:
+def evaluate_pipeline(load_pipe, folder: Path, scenes, oracle, clap, ev: EvalSettings, desc: str,
+                      model: str) -> dict:
     """Per-caption rows (oracle verdict, ``satisfied``, CLAP cosine) and CLAP audio embeddings of
     one sample per caption (caption ``i`` from noise seed ``ev.seed + i``); read back when cached."""
     import soundfile as sf
@@ -148,8 +167,10 @@ def evaluate_pipeline(load_pipe, folder: Path, scenes, oracle, clap, ev: EvalSet
     from diffdpo.worlds.soundworld.evaluate import judge
 
     rows_path, emb_path = folder / "rows.json", folder / "clap_audio.npy"
-    if rows_path.exists() and emb_path.exists():
-        return {"rows": json.loads(rows_path.read_text()), "embeddings": np.load(emb_path)}
+    settings = {"model": model, "captions": [s.caption for s in scenes], "clap": clap.checkpoint_id,
+                **{k: v for k, v in asdict(ev).items() if k in ("steps", "guidance", "seed")}}
+    if (done := _cached(rows_path, settings)) is not None and emb_path.exists():
+        return {"rows": done["rows"], "embeddings": np.load(emb_path)}
     pipe = load_pipe()
     captions = [s.caption for s in scenes]
     audio = []
@@ -166,7 +187,7 @@ def evaluate_pipeline(load_pipe, folder: Path, scenes, oracle, clap, ev: EvalSet
     for i in example_indices(scenes, ev.examples):
         sf.write(folder / "audio" / f"{i:04d}.wav", audio[i], pipe.audio_config.sample_rate, subtype="FLOAT")
     np.save(emb_path, embeddings)
-    rows_path.write_text(json.dumps(rows))
+    _write_json(rows_path, {"settings": settings, "rows": rows})  # last: its presence marks the stage done
     return {"rows": rows, "embeddings": embeddings}
 
 
@@ -283,7 +304,6 @@ def run_demo(cfg: DemoConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "demo_config.yaml")
     timings, started = {}, time.time()
 
     def stage(name: str, fn, *args):
@@ -324,13 +344,14 @@ def run_demo(cfg: DemoConfig) -> dict:
         "examples": examples,
         "pair_audit": audit,
         "settings": {"demo": to_dict(cfg), "prefs_manifest": {k: v for k, v in manifest.items() if k != "config"},
-                     "train": {name: r["config"] for name, r in runs.items()},
+                     "train": {name: r["settings"] for name, r in runs.items()},
                      "pairs": {name: r["pairs"] for name, r in runs.items()},
                      "models": {m: _model_dir(cfg, out, m) for m in evals},
                      "evaluation": {**asdict(cfg.evaluate), "oracle": "SoundWorld oracle (weights/oracle)",
                                     "clap": clap.checkpoint_id, "test_split_seed": cfg.data_seed},
                      "seconds": {**timings, "total": round(time.time() - started, 1)}},
     }
+    save_config(cfg, out / "demo_config.yaml")  # what made results.json (the sweep reads it)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     html = write_report(results, out)
     print_summary(table, audit, out, html, timings)
