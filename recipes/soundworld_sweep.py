@@ -25,7 +25,7 @@ from diffdpo.worlds.soundworld.demo import DemoConfig, EvalSettings, evaluate_pi
 class SweepConfig:
     demo: str = field(default="runs/soundworld_demo", metadata={"help": "a finished `diffdpo demo` directory"})
     out: str = field(default="runs/soundworld_sweep")
-    steps: list[int] = field(default_factory=lambda: [60, 120, 240], metadata={"help": "checkpoints to evaluate"})
+    steps: list[int] = field(default_factory=lambda: [120, 240], metadata={"help": "checkpoints to evaluate"})
     runs: dict = field(default_factory=dict, metadata={"help": "name -> DiffusionDPOConfig overrides of the demo's"})
     evaluate: EvalSettings | None = field(default=None, metadata={"help": "default: the demo's settings"})
     threads: int = 0
