@@ -335,7 +335,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         examples.append({"caption": scenes[i].caption, "seed": cfg.evaluate.seed + i,
                          "media": {m: f"eval/{m}/audio/{i:04d}.wav" for m in evals}, "verdict": verdict})
     results = {
-        "title": "SoundWorld demo: Diffusion-DPO vs base vs SFT-on-winners, judged by the oracle",
+        "title": "SoundWorld demo: Diffusion-DPO vs base" + (" vs SFT on winners" if "sft" in runs else "")
+                 + ", judged by the oracle",
         "summary": summary_text(table) + " The oracle on the {pairs} pairs: the winner satisfies its caption and the "
                    "loser does not in {winner_only:.0%}, the reverse in {loser_only:.0%}, a tie in {tie:.0%}.".format(
                        **audit["all"]),
@@ -375,8 +376,8 @@ def print_summary(table: list[dict], audit: dict, out: Path, html: Path, timings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="YAML (default: recipes/configs/soundworld_demo.yaml "
-                        "settings are the DemoConfig defaults plus that file when given)")
+    parser.add_argument("--config", default=None, help="YAML config; without one the defaults run, which "
+                        "recipes/configs/soundworld_demo.yaml repeats")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. out=runs/demo2 evaluate.captions=400")
 
 
