@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffdpo.config import from_dict, load_config, merge, to_dict
-from diffdpo.worlds.soundworld.demo import DemoConfig, EvalSettings, evaluate_pipeline
+from diffdpo.worlds.soundworld.demo import DemoConfig, EvalSettings, evaluate_pipeline, mean_interval
 
 
 @dataclass
@@ -45,13 +45,9 @@ def _load_checkpoint(base_dir: str, checkpoint: Path):
 def _summary(rows: list[dict], base_rows: list[dict], key: str) -> dict:
     import numpy as np
 
-    from diffdpo.metrics.stats import mean_ci
-
     v = np.array([float(r[key]) for r in rows])
-    d = v - np.array([float(r[key]) for r in base_rows])
-    ci, dci = mean_ci(v), mean_ci(d)
-    return {"mean": float(v.mean()), "ci95": [ci.low, ci.high],
-            "delta_vs_base": float(d.mean()), "delta_ci95": [dci.low, dci.high], "n": len(v)}
+    delta = mean_interval(v - np.array([float(r[key]) for r in base_rows]), 1000)
+    return {**mean_interval(v, 1000), "delta_vs_base": delta["mean"], "delta_ci95": delta["ci95"]}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -63,6 +63,14 @@ def resolve_under(root: str | Path, relative: str, what: str = "path") -> Path:
     return target
 
 
+def write_json_atomic(path: str | Path, data: Any, indent: int | None = None) -> None:
+    """Write JSON to a temp file beside ``path``, then rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=indent, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
 def parse_line(line: str, where: str = "") -> PreferenceRecord:
     """One JSONL line -> a validated record; ``ValueError`` prefixed with ``where`` otherwise."""
     try:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffdpo.data.records import PreferenceRecord, write_jsonl
+from diffdpo.data.records import PreferenceRecord, write_json_atomic, write_jsonl
 from diffdpo.prefs.perturb import DEFAULT_LLM_TEMPLATE, NothingToPerturb, Perturbation, make_perturber
 from diffdpo.prefs.select import Candidate, NoPair, Selection, select_multi_sample, select_perturbed
 
@@ -323,12 +323,6 @@ def config_hash(config: BuildConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
 def build_preferences(config: BuildConfig, generator: "Generator | None" = None, scorer: "Scorer | None" = None,
                       progress: bool = True) -> dict:
     """Build (or finish building) the preference set ``config.out``; returns the manifest.
@@ -350,7 +344,7 @@ def build_preferences(config: BuildConfig, generator: "Generator | None" = None,
             raise ValueError(f"{root} was built with a different config ({previous.get('config_hash')} != {chash}); "
                              "use another out directory or remove it")
     elif rank == 0:
-        _atomic_json(state_path, {"config_hash": chash, "format_version": FORMAT_VERSION})
+        write_json_atomic(state_path, {"config_hash": chash, "format_version": FORMAT_VERSION}, indent=1)
 
     captions, duplicates = unique_captions(load_captions(config.captions, config.caption_column))
     if config.limit is not None:
@@ -376,7 +370,7 @@ def build_preferences(config: BuildConfig, generator: "Generator | None" = None,
         for k in bar:
             result = build_shard(config, shards[k], generator, scorer, perturber, root)
             result["generator"], result["scorer"] = describe(generator), describe(scorer)
-            _atomic_json(root / f"shards/{k:05d}.json", result)
+            write_json_atomic(root / f"shards/{k:05d}.json", result, indent=1)
             pairs += len(result["records"])
             bar.set_postfix(pairs=pairs, pairs_per_s=f"{pairs / max(time.time() - started, 1e-9):.2f}")
     wait()
@@ -444,5 +438,5 @@ def _assemble(config, root: Path, n_shards: int, n_captions: int, duplicates: in
         "nothing_to_perturb": notes,
         "build_seconds_this_run": round(seconds, 3),
     }
-    _atomic_json(root / "manifest.json", manifest)
+    write_json_atomic(root / "manifest.json", manifest, indent=1)
     return manifest

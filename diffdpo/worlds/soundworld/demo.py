@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from diffdpo.config import from_dict, load_config, merge, save_config, to_dict
+from diffdpo.data.records import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,6 @@ class DemoConfig:
 # ------------------------------------------------------------------ stages
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def _cached(path: Path, settings: dict):
     """The stage output at ``path`` if it was made with ``settings``; None if there is none."""
     if not path.exists():
@@ -136,7 +131,7 @@ def train_model(cfg: DemoConfig, out: Path, name: str) -> dict:
     result = train(tcfg)
     summary = {"settings": to_dict(tcfg), "history": result["history"], "pairs": result["pairs"],
                "steps": result["steps"], "final": str(result["final"])}
-    _write_json(done, summary)
+    write_json_atomic(done, summary)
     return summary
 
 
@@ -180,14 +175,13 @@ def evaluate_pipeline(load_pipe, folder: Path, scenes, oracle, clap, ev: EvalSet
     rows = judge(scenes, oracle.detect(audio))["rows"]
     cosines = clap.similarity(captions, audio)
     for row, c in zip(rows, cosines):
-        row["satisfied"] = bool(row["events_exact"] and row["order_correct"] is not False)
         row["clap"] = float(c)
     embeddings = clap.embed_audio(audio).double().numpy()
     (folder / "audio").mkdir(parents=True, exist_ok=True)
     for i in example_indices(scenes, ev.examples):
         sf.write(folder / "audio" / f"{i:04d}.wav", audio[i], pipe.audio_config.sample_rate, subtype="FLOAT")
     np.save(emb_path, embeddings)
-    _write_json(rows_path, {"settings": settings, "rows": rows})  # last: its presence marks the stage done
+    write_json_atomic(rows_path, {"settings": settings, "rows": rows})  # last: its presence marks the stage done
     return {"rows": rows, "embeddings": embeddings}
 
 
@@ -203,18 +197,15 @@ def audit_pairs(prefs_dir: Path, oracle) -> dict:
     import soundfile as sf
 
     from diffdpo.data.records import read_jsonl
+    from diffdpo.worlds.soundworld.evaluate import caption_satisfied
     from diffdpo.worlds.soundworld.oracle import score_detection
     from diffdpo.worlds.soundworld.scenes import scene_from_caption
-
-    def satisfied(scene, detection) -> float:
-        r = score_detection(scene, detection)
-        return float(r["events_exact"] and r["order_correct"] is not False)
 
     by_strategy: dict[str, list[tuple[float, float]]] = {}
     for rec in read_jsonl(prefs_dir / "prefs.jsonl"):
         scene = scene_from_caption(rec.prompt)
         clips = [sf.read(prefs_dir / path, dtype="float32")[0] for path in (rec.chosen, rec.rejected)]
-        won, lost = (satisfied(scene, d) for d in oracle.detect(clips))
+        won, lost = (float(caption_satisfied(score_detection(scene, d))) for d in oracle.detect(clips))
         by_strategy.setdefault(rec.strategy or "?", []).append((won, lost))
     out = {}
     for name, pairs in [*by_strategy.items(), ("all", [p for v in by_strategy.values() for p in v])]:
@@ -236,7 +227,7 @@ METRICS = (  # (key, label, row filter, higher is better)
 )
 
 
-def _interval(values: np.ndarray, n_resamples: int) -> dict:
+def mean_interval(values: np.ndarray, n_resamples: int) -> dict:
     from diffdpo.metrics.stats import mean_ci
 
     ci = mean_ci(values, n_resamples=n_resamples)
@@ -255,8 +246,8 @@ def results_table(evals: dict[str, dict], scenes, reference: np.ndarray, n_resam
             continue
         vals = {m: np.array([float(e["rows"][i][key]) for i in idx]) for m, e in evals.items()}
         table.append({"metric": label, "key": key, "n": int(len(idx)), "higher_is_better": higher,
-                      "models": {m: _interval(v, n_resamples) for m, v in vals.items()},
-                      "deltas": {f"{a} - {b}": _interval(vals[a] - vals[b], n_resamples)
+                      "models": {m: mean_interval(v, n_resamples) for m, v in vals.items()},
+                      "deltas": {f"{a} - {b}": mean_interval(vals[a] - vals[b], n_resamples)
                                  for a, b in DELTAS if a in vals and b in vals}})
     ref = GaussianStats.from_embeddings(reference)
 

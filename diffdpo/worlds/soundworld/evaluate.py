@@ -30,6 +30,12 @@ def _summary(values: list[float]) -> dict:
     return out
 
 
+def caption_satisfied(result: dict) -> bool:
+    """A :func:`score_detection` result meets its caption: exactly its events and, for
+    sequences, in its order."""
+    return bool(result["events_exact"] and result["order_correct"] is not False)
+
+
 def judge(scenes: list[Scene], detections: list[Detection]) -> dict:
     """The oracle's aggregate verdict (see module docstring) plus per-item rows."""
     rows = []
@@ -37,7 +43,8 @@ def judge(scenes: list[Scene], detections: list[Detection]) -> dict:
         r = score_detection(s, d)
         r["order_reversed"] = (bool(r["events_exact"] and d.order == s.events[::-1])
                                if s.kind == SEQUENCE else None)
-        rows.append({"caption": s.caption, "kind": s.kind, "events": list(s.events), "detected": list(d.events), **r})
+        rows.append({"caption": s.caption, "kind": s.kind, "events": list(s.events), "detected": list(d.events), **r,
+                     "satisfied": caption_satisfied(r)})
     groups = {"single": (SINGLE, 1), "sequence_2": (SEQUENCE, 2), "sequence_3": (SEQUENCE, 3), "overlap": (OVERLAP, 2)}
     out = {"all": {"presence_f1": _summary([r["presence_f1"] for r in rows]),
                    "events_exact": _summary([r["events_exact"] for r in rows])}}
