@@ -65,9 +65,19 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             default = factory() if factory is not dataclasses.MISSING else None
             base = to_dict(default) if dataclasses.is_dataclass(default) else {}
             kwargs[name] = from_dict(sub, merge(base, value), f"{prefix}{name}.")
+        elif isinstance(value, dict) and isinstance(default := _field_default(fields[name]), dict):
+            # a dict field with default contents (e.g. the demo's prefs/dpo settings): a dotted
+            # override such as ``dpo.train.lr=1e-5`` changes that key, it does not drop the rest
+            kwargs[name] = merge(default, value)
         else:
             kwargs[name] = _coerce(hints[name], value, prefix + name)
     return cls(**kwargs)
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _coerce(hint, value, key: str):

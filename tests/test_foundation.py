@@ -53,6 +53,24 @@ def test_partial_nested_config_keeps_the_fields_own_default():
     assert (cfg.optim.lr, cfg.optim.betas) == (0.2, [0.5, 0.5])
 
 
+def test_dotted_override_of_a_dict_field_keeps_its_other_defaults():
+    """`diffdpo demo dpo.train.max_steps=200` changes one key of the demo's dpo settings; it
+    once replaced the whole dict, silently dropping the demo's beta, lr and batch."""
+
+    @dataclass
+    class Outer:
+        settings: dict = field(default_factory=lambda: {"loss": {"beta": 2000, "type": "sigmoid"}, "steps": 5})
+
+    cfg = load_config(Outer, None, ["settings.loss.beta=500"])
+    assert cfg.settings == {"loss": {"beta": 500, "type": "sigmoid"}, "steps": 5}
+    from diffdpo.worlds.soundworld.demo import DEFAULT_DPO, DEFAULT_PREFS, DemoConfig
+
+    demo = load_config(DemoConfig, None, ["dpo.train.max_steps=7", "prefs.scorer.kind=clap:soundworld"])
+    assert demo.dpo["train"] == {**DEFAULT_DPO["train"], "max_steps": 7}
+    assert demo.dpo["loss"] == DEFAULT_DPO["loss"]
+    assert demo.prefs == {**DEFAULT_PREFS, "scorer": {"kind": "clap:soundworld"}}
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["optim.lrr=1"], r"unknown config key\(s\) \['optim.lrr'\]"),
     (["steps=0"], "steps: must be positive"),
