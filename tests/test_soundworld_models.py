@@ -67,6 +67,23 @@ def test_oracle_order_follows_the_audio(oracle):
     assert flips >= 3
 
 
+def test_oracle_scorer_ranks_by_the_oracles_verdict(fresh):
+    """The builder's oracle scorer: satisfied (1) + presence F1 for the clip's own caption; a caption
+    naming other events scores lower, and audio at another rate is refused."""
+    from diffdpo.worlds.soundworld.evaluate import OracleScorer
+
+    scenes, audio = fresh
+    scorer = OracleScorer()
+    own = scorer.score([s.caption for s in scenes], list(audio), 16000)
+    assert np.mean(own == 2.0) >= 0.9
+    shifted = [scenes[(i + 1) % len(scenes)].caption for i in range(len(scenes))]
+    other = scorer.score(shifted, list(audio), 16000)
+    differ = [i for i in range(len(scenes)) if set(scenes[i].events) != set(scenes[(i + 1) % len(scenes)].events)]
+    assert np.mean(other[differ] < own[differ]) >= 0.9
+    with pytest.raises(ValueError, match="22050 Hz"):
+        scorer.score([scenes[0].caption], [audio[0]], 22050)
+
+
 def test_score_detection_by_hand():
     from diffdpo.worlds.soundworld.oracle import Detection, score_detection
     from diffdpo.worlds.soundworld.scenes import Scene

@@ -109,7 +109,7 @@ def build_prefs(cfg: DemoConfig, out: Path) -> dict:
     build = from_dict(BuildConfig, merge(cfg.prefs, {
         "captions": str(captions), "out": str(root), "seed": cfg.seed,
         "generator": {**cfg.prefs.get("generator", {}), "kind": "soundworld", "path": cfg.base_model},
-        "scorer": {**cfg.prefs.get("scorer", {}), "kind": "clap:soundworld"}}))
+        "scorer": {"kind": "clap:soundworld", **cfg.prefs.get("scorer", {})}}))
     # a finished set is only re-assembled (no generation); one built with another config is refused
     return build_preferences(build)
 

@@ -75,3 +75,23 @@ def evaluate_generator(pipe, oracle: Oracle, captions: list[str], steps: int = 2
     return {"settings": {"captions": len(captions), "steps": steps, "guidance": guidance, "seed": seed},
             "minutes": round((time.time() - t0) / 60, 2), **verdict["summary"],
             "examples": verdict["rows"][:12]}
+
+
+class OracleScorer:
+    """The oracle as the preference builder's scorer (``scorer.kind:
+    diffdpo.worlds.soundworld.evaluate:OracleScorer``): score = caption satisfied (0/1) + presence F1.
+
+    An ablation, not a proxy: pairs labelled by the judge the evaluation uses separate what the
+    scorer's labels limit from what Diffusion-DPO itself can learn from a few hundred pairs.
+    """
+
+    def __init__(self, config=None):
+        self.oracle = Oracle.from_pretrained(getattr(config, "ckpt", None))
+        self.id = {"kind": "soundworld-oracle", "events": list(self.oracle.event_names)}
+
+    def score(self, texts: list[str], media: list, sample_rate: int | None = None) -> np.ndarray:
+        if sample_rate is not None and sample_rate != self.oracle.audio_config.sample_rate:
+            raise ValueError(f"OracleScorer: audio at {sample_rate} Hz, the oracle hears "
+                             f"{self.oracle.audio_config.sample_rate} Hz")
+        rows = judge([scene_from_caption(t) for t in texts], self.oracle.detect(list(media)))["rows"]
+        return np.array([float(r["satisfied"]) + r["presence_f1"] for r in rows])
