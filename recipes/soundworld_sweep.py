@@ -4,7 +4,8 @@
 
 Reuses a finished demo directory (its preference set and its base-model evaluation), trains one
 Diffusion-DPO run per variant with checkpoints, and evaluates each listed checkpoint on the same
-held-out captions and seeds as the demo: the proxy's score (SoundWorld CLAP cosine, what the
+held-out captions and seeds as the demo (or, with ``evaluate.captions=600`` and the like, on more
+captions, the base evaluated anew beside the runs): the proxy's score (SoundWorld CLAP cosine, what the
 preference set optimised) beside the oracle's (caption satisfied). Writes ``sweep.json`` and a
 markdown table ``sweep.md``; finished runs and evaluations are read back on a rerun.
 """
@@ -27,7 +28,7 @@ class SweepConfig:
     out: str = field(default="runs/soundworld_sweep")
     steps: list[int] = field(default_factory=lambda: [120, 240], metadata={"help": "checkpoints to evaluate"})
     runs: dict = field(default_factory=dict, metadata={"help": "name -> DiffusionDPOConfig overrides of the demo's"})
-    evaluate: EvalSettings | None = field(default=None, metadata={"help": "default: the demo's settings"})
+    evaluate: dict = field(default_factory=dict, metadata={"help": "overrides of the demo's evaluation settings"})
     threads: int = 0
 
 
@@ -70,15 +71,16 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     demo_dir, out = Path(cfg.demo), Path(cfg.out)
     demo = load_config(DemoConfig, demo_dir / "demo_config.yaml")
-    ev = cfg.evaluate or demo.evaluate
-    if (ev.captions, ev.steps, ev.guidance, ev.seed) != (demo.evaluate.captions, demo.evaluate.steps,
-                                                         demo.evaluate.guidance, demo.evaluate.seed):
-        raise ValueError("evaluate: the sweep compares against the demo's base evaluation, so captions, steps, "
-                         "guidance and seed must be the demo's")
+    ev = from_dict(EvalSettings, merge(to_dict(demo.evaluate), cfg.evaluate))
+    key = lambda e: (e.captions, e.steps, e.guidance, e.seed)
+    # the demo's own settings reuse its base evaluation; others (e.g. more captions, for tighter
+    # intervals) evaluate the base here, in folders named by those settings
+    tag = "" if key(ev) == key(demo.evaluate) else "_{}c_{}s_g{}_seed{}".format(*key(ev))
     scenes, _ = clips(demo.data_seed, "test", ev.captions)
     oracle, clap = Oracle.from_pretrained(), SoundWorldClap()
     base_dir = _model_dir(demo, demo_dir, "base")
-    base = evaluate_pipeline(lambda: SoundWorldPipeline.from_pretrained(base_dir), demo_dir / "eval" / "base",
+    base = evaluate_pipeline(lambda: SoundWorldPipeline.from_pretrained(base_dir),
+                             (out / f"base_eval{tag}") if tag else demo_dir / "eval" / "base",
                              scenes, oracle, clap, ev, "base", base_dir)
     table = []
     for name, overrides in cfg.runs.items():
@@ -94,25 +96,27 @@ def main(argv: list[str] | None = None) -> dict:
         for step in cfg.steps:
             checkpoint = run_dir / "checkpoints" / f"step_{step}"
             result = evaluate_pipeline(lambda c=checkpoint: _load_checkpoint(base_dir, c),
-                                       run_dir / "eval" / f"step_{step}", scenes, oracle, clap, ev, f"{name} @ {step}",
+                                       run_dir / f"eval{tag}" / f"step_{step}", scenes, oracle, clap, ev, f"{name} @ {step}",
                                        str(checkpoint))
             table.append({"run": name, "step": step, "overrides": overrides,
                           "proxy_clap": _summary(result["rows"], base["rows"], "clap"),
                           "oracle_satisfied": _summary(result["rows"], base["rows"], "satisfied"),
+                          "oracle_presence_f1": _summary(result["rows"], base["rows"], "presence_f1"),
                           "oracle_order": _summary([r for r in result["rows"] if r["kind"] == "sequence"],
                                                    [r for r in base["rows"] if r["kind"] == "sequence"],
                                                    "order_correct")})
     report = {"demo": str(demo_dir), "evaluate": to_dict(ev), "base": {
         "proxy_clap": _summary(base["rows"], base["rows"], "clap"),
-        "oracle_satisfied": _summary(base["rows"], base["rows"], "satisfied")}, "table": table}
+        "oracle_satisfied": _summary(base["rows"], base["rows"], "satisfied"),
+        "oracle_presence_f1": _summary(base["rows"], base["rows"], "presence_f1")}, "table": table}
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(report, indent=2))
-    lines = ["| run | step | proxy CLAP (delta vs base) | oracle satisfied (delta vs base) | order, sequences (delta) |",
-             "|---|---|---|---|---|"]
+    lines = ["| run | step | proxy CLAP (delta vs base) | oracle satisfied (delta vs base) | presence F1 (delta) "
+             "| order, sequences (delta) |", "|---|---|---|---|---|---|"]
     fmt = lambda s: f"{s['mean']:.3f} ({s['delta_vs_base']:+.3f} [{s['delta_ci95'][0]:+.3f}, {s['delta_ci95'][1]:+.3f}])"
     for row in table:
         lines.append(f"| {row['run']} | {row['step']} | {fmt(row['proxy_clap'])} | {fmt(row['oracle_satisfied'])} "
-                     f"| {fmt(row['oracle_order'])} |")
+                     f"| {fmt(row['oracle_presence_f1'])} | {fmt(row['oracle_order'])} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return report

@@ -172,7 +172,21 @@ def test_sweep_evaluates_checkpoints_against_the_demos_base(demo, tmp_path):
                                     "runs={dpo: {}, dpo_sft: {loss: {sft_weight: 10.0}}}"])
     assert [(r["run"], r["step"]) for r in report["table"]] == [("dpo", 1), ("dpo", 2), ("dpo_sft", 1), ("dpo_sft", 2)]
     assert report["base"]["oracle_satisfied"]["delta_vs_base"] == 0.0
+    assert report["base"]["oracle_presence_f1"]["delta_vs_base"] == 0.0
+    base_rows = json.loads((Path(cfg.out) / "eval" / "base" / "rows.json").read_text())["rows"]
     for row in report["table"]:
         assert row["oracle_satisfied"]["n"] == cfg.evaluate.captions
         assert -1 <= row["proxy_clap"]["delta_vs_base"] <= 1
+        rows = json.loads((tmp_path / "sweep" / row["run"] / "eval" / f"step_{row['step']}" / "rows.json").read_text())
+        f1 = [r["presence_f1"] for r in rows["rows"]]
+        assert row["oracle_presence_f1"]["mean"] == pytest.approx(sum(f1) / len(f1))
+        assert row["oracle_presence_f1"]["delta_vs_base"] == pytest.approx(
+            (sum(f1) - sum(r["presence_f1"] for r in base_rows)) / len(f1))
     assert (tmp_path / "sweep" / "sweep.md").read_text().count("\n") == 6
+    # other evaluation settings: the base is evaluated anew beside the runs, the trained runs are reused
+    fewer = cfg.evaluate.captions - 2
+    other = soundworld_sweep.main([f"demo={cfg.out}", f"out={tmp_path / 'sweep'}", "steps=[2]", "runs={dpo: {}}",
+                                   f"evaluate.captions={fewer}"])
+    assert other["table"][0]["oracle_satisfied"]["n"] == fewer
+    assert (tmp_path / "sweep" / f"base_eval_{fewer}c_2s_g3.0_seed1234" / "rows.json").is_file()
+    assert (tmp_path / "sweep" / "dpo" / f"eval_{fewer}c_2s_g3.0_seed1234" / "step_2" / "rows.json").is_file()
