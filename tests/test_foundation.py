@@ -65,10 +65,10 @@ def test_dotted_override_of_a_dict_field_keeps_its_other_defaults():
     assert cfg.settings == {"loss": {"beta": 500, "type": "sigmoid"}, "steps": 5}
     from diffdpo.worlds.soundworld.demo import DEFAULT_DPO, DEFAULT_PREFS, DemoConfig
 
-    demo = load_config(DemoConfig, None, ["dpo.train.max_steps=7", "prefs.scorer.kind=clap:soundworld"])
+    demo = load_config(DemoConfig, None, ["dpo.train.max_steps=7", "prefs.scorer.kind=my.module:Scorer"])
     assert demo.dpo["train"] == {**DEFAULT_DPO["train"], "max_steps": 7}
     assert demo.dpo["loss"] == DEFAULT_DPO["loss"]
-    assert demo.prefs == {**DEFAULT_PREFS, "scorer": {"kind": "clap:soundworld"}}
+    assert demo.prefs == {**DEFAULT_PREFS, "scorer": {"kind": "my.module:Scorer"}}
 
 
 @pytest.mark.parametrize("overrides, message", [

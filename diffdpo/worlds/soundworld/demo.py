@@ -46,6 +46,7 @@ DELTAS = (("dpo", "base"), ("dpo", "sft"), ("sft", "base"))
 DEFAULT_PREFS = {
     "num_samples": 3, "shard_size": 16,
     "generator": {"num_inference_steps": 10, "guidance_scale": 3.0, "batch_size": 64},
+    "scorer": {"kind": "clap:soundworld"},
     "multi_sample": {"min_gap": 0.05},
     "perturbed": {"kinds": ["drop_event", "replace_event"], "num_perturbations": 1, "min_gap": 0.05},
     "temporal": {"num_perturbations": 1, "samples_per_perturbation": 2, "min_gap": 0.0},
@@ -108,8 +109,7 @@ def build_prefs(cfg: DemoConfig, out: Path) -> dict:
     captions.write_text("".join(s.caption + "\n" for s in scenes))
     build = from_dict(BuildConfig, merge(cfg.prefs, {
         "captions": str(captions), "out": str(root), "seed": cfg.seed,
-        "generator": {**cfg.prefs.get("generator", {}), "kind": "soundworld", "path": cfg.base_model},
-        "scorer": {"kind": "clap:soundworld", **cfg.prefs.get("scorer", {})}}))
+        "generator": {"kind": "soundworld", "path": cfg.base_model}}))
     # a finished set is only re-assembled (no generation); one built with another config is refused
     return build_preferences(build)
 

@@ -93,5 +93,5 @@ class OracleScorer:
         if sample_rate is not None and sample_rate != self.oracle.audio_config.sample_rate:
             raise ValueError(f"OracleScorer: audio at {sample_rate} Hz, the oracle hears "
                              f"{self.oracle.audio_config.sample_rate} Hz")
-        rows = judge([scene_from_caption(t) for t in texts], self.oracle.detect(list(media)))["rows"]
-        return np.array([float(r["satisfied"]) + r["presence_f1"] for r in rows])
+        results = [score_detection(scene_from_caption(t), d) for t, d in zip(texts, self.oracle.detect(list(media)))]
+        return np.array([float(caption_satisfied(r)) + r["presence_f1"] for r in results])
