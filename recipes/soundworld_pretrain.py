@@ -8,6 +8,8 @@ Stages (run in this order; each can run alone, later ones load what earlier ones
   clap       the SoundWorld CLAP (contrastive audio/text), the proxy scorer
   generator  mel VAE, then UNet + T5 text encoder jointly (EMA weights ship) in the Tango layout
   evaluate   the base generator judged by the oracle on held-out captions
+``generator_init=<a saved generator>`` continues training one (its tokenizer and VAE kept) instead
+of starting from scratch; the manifest keeps the earlier run's entry under ``continued_from``.
 Data is synthesised in memory from ``data.seed`` (train split for training, validation split for
 the numbers). Every stage records command, seed, git commit, wall time and metrics in
 ``<output_dir>/MANIFEST.json``.
@@ -63,6 +65,9 @@ class PretrainConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES), metadata={"help": f"subset of {STAGES}"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     seed: int = field(default=0, metadata={"help": "model initialisation / training seed"})
+    generator_init: str = field(default="", metadata={
+        "help": "a saved SoundWorld generator to continue training (its tokenizer and VAE are kept, not "
+                "retrained; UNet and text encoder start from its weights); empty = from scratch"})
     data: DataConfig = field(default_factory=DataConfig)
     oracle_arch: OracleArch = field(default_factory=OracleArch)
     oracle: OracleTrainConfig = field(default_factory=OracleTrainConfig)
@@ -140,21 +145,27 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
     captions = [s.caption for s in scenes]
 
     torch.manual_seed(cfg.seed)
-    vae = build_vae(acfg.n_mels, cfg.arch)
-    vae_metrics = train_vae(vae, mels, cfg.vae, seed=cfg.seed, log=log)
-    latents = encode_mels(vae, mels)
-    shift, scale = latents.mean().item(), 1.0 / latents.std().item()
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    if cfg.generator_init:
+        base = SoundWorldPipeline.from_pretrained(cfg.generator_init)
+        tokenizer, vae, text_encoder, unet = base.tokenizer, base.vae, base.text_encoder, base.unet
+        shift, scale = float(vae.config.shift_factor), float(vae.config.scaling_factor)
+        latents = encode_mels(vae, mels)
+        vae_metrics = {"kept_from": str(cfg.generator_init)}
+    else:
+        vae = build_vae(acfg.n_mels, cfg.arch)
+        vae_metrics = train_vae(vae, mels, cfg.vae, seed=cfg.seed, log=log)
+        latents = encode_mels(vae, mels)
+        shift, scale = latents.mean().item(), 1.0 / latents.std().item()
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        # every phrase of every event, so no word a template can produce is missing from the vocabulary
+        phrases = [p for e in EVENTS.values() for p in (*e.sentences, *e.nouns)]
+        tokenizer = train_tokenizer(captions + phrases)
+        text_encoder = build_text_encoder(len(tokenizer), cfg.arch)
+        unet = build_unet(latents.shape[-1], cfg.arch)
     v_rec = decode_latents(vae, encode_mels(vae, v_mels))
     vae_metrics["validation_logmel_l1"] = (v_rec - v_mels).abs().mean().item()
     vae_metrics.update(latent_shift=shift, latent_scale=scale)
     print(f"vae: {vae_metrics}", flush=True)
-
-    # every phrase of every event, so no word a template can produce is missing from the vocabulary
-    phrases = [p for e in EVENTS.values() for p in (*e.sentences, *e.nouns)]
-    tokenizer = train_tokenizer(captions + phrases)
-    text_encoder = build_text_encoder(len(tokenizer), cfg.arch)
-    unet = build_unet(latents.shape[-1], cfg.arch)
     scheduler = build_scheduler()
 
     def pipeline_with(ema_unet, ema_text) -> SoundWorldPipeline:
@@ -175,7 +186,11 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
     pipeline_with(ema_unet, ema_text).save_pretrained(out / "generator")
     params = {name: sum(p.numel() for p in m.parameters())
               for name, m in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet))}
-    return {"vae": vae_metrics, "generator": gen_metrics, "parameters": params, "vocab_size": len(tokenizer)}
+    metrics = {"vae": vae_metrics, "generator": gen_metrics, "parameters": params, "vocab_size": len(tokenizer)}
+    earlier = Path(cfg.generator_init).parent / "MANIFEST.json"
+    if cfg.generator_init and earlier.exists():  # keep how the starting point was made
+        metrics["continued_from"] = json.loads(earlier.read_text()).get("generator")
+    return metrics
 
 
 def stage_evaluate(cfg: PretrainConfig, out: Path, log) -> dict:
