@@ -172,3 +172,19 @@ def test_prompt_dropout_is_per_pair_and_applies_to_both_halves():
             assert hs[row, 0, 0].item() == expected
             n = 1 + len("" if d else prompts[i]) % 3
             assert mask[row].sum().item() == n and torch.all(hs[row, n:] == 0)
+
+
+def test_timestep_range_restricts_the_draws_and_keeps_the_default():
+    """The default range draws exactly what the full range always drew; a half range keeps each
+    pair's noise and dropout and only moves its timestep into that half."""
+    seeds = [pair_seed(0, i, 1) for i in range(64)]
+    full = draw_pairs(seeds, (4, 8, 8), 1000, 0.3)
+    g = torch.Generator().manual_seed(int(seeds[5]))
+    torch.randn((4, 8, 8), generator=g)
+    assert full.step_index[5].item() == torch.randint(0, 1000, (1,), generator=g).item()
+    upper = draw_pairs(seeds, (4, 8, 8), 1000, 0.3, step_range=(0.5, 1.0))
+    assert upper.step_index.min() >= 500 and upper.step_index.max() < 1000
+    assert torch.equal(upper.noise, full.noise) and torch.equal(upper.drop_prompt, full.drop_prompt)
+    assert not torch.equal(upper.step_index, full.step_index)
+    with pytest.raises(ValueError, match="timestep range"):
+        draw_pairs(seeds, (4, 8, 8), 1000, 0.3, step_range=(0.6, 0.6))

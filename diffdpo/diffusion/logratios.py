@@ -62,13 +62,19 @@ class PairDraws:
 
 
 def draw_pairs(seeds: list[int], latent_shape: tuple[int, ...], num_steps: int, proportion_empty_prompts: float,
-               device=None, dtype=torch.float32) -> PairDraws:
-    """Noise, timestep index and prompt-dropout decision of each pair, each from its own seed."""
+               device=None, dtype=torch.float32, step_range: tuple[float, float] = (0.0, 1.0)) -> PairDraws:
+    """Noise, timestep index and prompt-dropout decision of each pair, each from its own seed.
+
+    ``step_range`` restricts the timestep index to that fraction of the schedule (``(0.5, 1.0)``:
+    the noisier half, where a sample's layout is decided); the default draws exactly as before."""
+    low, high = round(step_range[0] * num_steps), round(step_range[1] * num_steps)
+    if not 0 <= low < high <= num_steps:
+        raise ValueError(f"timestep range {list(step_range)} is empty or outside [0, 1]")
     noise, steps, drops = [], [], []
     for s in seeds:
         g = torch.Generator().manual_seed(int(s))
         noise.append(torch.randn(latent_shape, generator=g))
-        steps.append(torch.randint(0, num_steps, (1,), generator=g))
+        steps.append(torch.randint(low, high, (1,), generator=g))
         drops.append(torch.rand(1, generator=g) < proportion_empty_prompts)
     return PairDraws(torch.stack(noise).to(device=device, dtype=dtype), torch.cat(steps).to(device),
                      torch.cat(drops).to(device))

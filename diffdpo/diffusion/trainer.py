@@ -118,6 +118,8 @@ class TrainConfig:
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16 (the VAE stays fp32)"})
     proportion_empty_prompts: float = field(default=0.0, metadata={"help": "CFG prompt dropout, per pair"})
     fixed_draws: bool = field(default=False, metadata={"help": "same noise/timestep for a pair every epoch"})
+    timestep_range: list[float] = field(default_factory=lambda: [0.0, 1.0], metadata={
+        "help": "fraction of the training timestep indices pairs are drawn from (DDPM-style schedulers: [0.5, 1.0] = the noisier half)"})
     cache_latents: bool = True
     cache_dir: str | None = field(default=None, metadata={"help": "default <output_dir>/cache"})
     save_every: int = 0
@@ -283,7 +285,8 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
 
     def draws_for(indices: list[int], epoch: int):
         seeds = [pair_seed(tc.seed, i, None if tc.fixed_draws else epoch) for i in indices]
-        return draw_pairs(seeds, latent_shape, n_steps_noise, tc.proportion_empty_prompts, accelerator.device)
+        return draw_pairs(seeds, latent_shape, n_steps_noise, tc.proportion_empty_prompts, accelerator.device,
+                          step_range=tuple(tc.timestep_range))
 
     def batch_inputs(indices: list[int], epoch: int):
         draws = draws_for(indices, epoch)
