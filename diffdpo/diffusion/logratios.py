@@ -65,8 +65,9 @@ def draw_pairs(seeds: list[int], latent_shape: tuple[int, ...], num_steps: int, 
                device=None, dtype=torch.float32, step_range: tuple[float, float] = (0.0, 1.0)) -> PairDraws:
     """Noise, timestep index and prompt-dropout decision of each pair, each from its own seed.
 
-    ``step_range`` restricts the timestep index to that fraction of the schedule (``(0.5, 1.0)``:
-    the noisier half, where a sample's layout is decided); the default draws exactly as before."""
+    ``step_range`` restricts the timestep index to that fraction of the schedule (DDPM-style
+    schedules: ``(0.5, 1.0)`` is the noisier half, where a sample's layout is decided); the
+    default draws exactly as before."""
     low, high = round(step_range[0] * num_steps), round(step_range[1] * num_steps)
     if not 0 <= low < high <= num_steps:
         raise ValueError(f"timestep range {list(step_range)} is empty or outside [0, 1]")

@@ -119,7 +119,8 @@ class TrainConfig:
     proportion_empty_prompts: float = field(default=0.0, metadata={"help": "CFG prompt dropout, per pair"})
     fixed_draws: bool = field(default=False, metadata={"help": "same noise/timestep for a pair every epoch"})
     timestep_range: list[float] = field(default_factory=lambda: [0.0, 1.0], metadata={
-        "help": "fraction of the training timestep indices pairs are drawn from (DDPM-style schedulers: [0.5, 1.0] = the noisier half)"})
+        "help": "fraction of the training timestep indices pairs are drawn from "
+                "(DDPM-style schedules: [0.5, 1.0] = the noisier half)"})
     cache_latents: bool = True
     cache_dir: str | None = field(default=None, metadata={"help": "default <output_dir>/cache"})
     save_every: int = 0
