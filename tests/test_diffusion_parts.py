@@ -194,6 +194,17 @@ def test_config_rejects_inconsistent_reference():
     assert cfg.train.fixed_draws
 
 
+@pytest.mark.parametrize("span", ["[0.5]", "[0.6, 0.4]", "[-0.1, 1.0]", "[0.0, 1.5]"])
+def test_config_rejects_a_bad_timestep_range(span):
+    """Caught when the config is read, before any model or latent is loaded."""
+    import diffusion_dpo
+
+    with pytest.raises(ValueError, match="train.timestep_range"):
+        load_config(diffusion_dpo.DiffusionDPOConfig, None, ["model.name_or_path=x", f"train.timestep_range={span}"])
+    assert load_config(diffusion_dpo.DiffusionDPOConfig, None,
+                       ["model.name_or_path=x", "train.timestep_range=[0.5, 1.0]"]).train.timestep_range == [0.5, 1.0]
+
+
 def test_cached_reference_matches_frozen_copy_in_the_recipe(tmp_path):
     import diffusion_dpo
     from diffdpo.diffusion.tiny import build_tiny

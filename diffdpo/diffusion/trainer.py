@@ -148,6 +148,9 @@ class DiffusionDPOConfig:
             raise ValueError("reference=lora_disabled needs model.lora_rank > 0")
         if self.loss.type not in LOSS_TYPES:
             raise ValueError(f"loss.type: unknown {self.loss.type!r}; valid: {sorted(LOSS_TYPES)}")
+        span = self.train.timestep_range
+        if len(span) != 2 or not 0 <= span[0] < span[1] <= 1:
+            raise ValueError(f"train.timestep_range: {span} is not [low, high] with 0 <= low < high <= 1")
         if self.reference == "cached":
             self.train.fixed_draws = True  # cached errors are only valid under each pair's fixed draws
         if not self.model.name_or_path:
