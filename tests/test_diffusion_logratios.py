@@ -188,3 +188,38 @@ def test_timestep_range_restricts_the_draws_and_keeps_the_default():
     assert not torch.equal(upper.step_index, full.step_index)
     with pytest.raises(ValueError, match="timestep range"):
         draw_pairs(seeds, (4, 8, 8), 1000, 0.3, step_range=(0.6, 0.6))
+
+
+def test_guided_loss_is_the_salesforce_form_on_the_cfg_prediction():
+    """``loss.guidance_scale``: policy and reference are each scored by ``u + g * (c - u)``, with
+    ``u`` their own prediction for the empty prompt; g = 1 is the published loss, unchanged."""
+    from types import SimpleNamespace
+
+    from diffdpo.diffusion.objective import guided
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    policy = tiny_unet()
+    reference_unet = perturbed(policy)
+    w, l, cond = batch()
+    empty = {"encoder_hidden_states": torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(7))}
+    draws = draw_pairs([pair_seed(0, i, 0) for i in range(B)], (4, 8, 8), 1000, 0.0)
+    beta = diffusion_beta(PUBLISHED_BETA, "salesforce")
+
+    class HandGuided:  # the CFG sampler's prediction, one branch per call
+        def __init__(self, unet):
+            self.unet = unet
+
+        def __call__(self, x, t, encoder_hidden_states):
+            u = self.unet(x, t, encoder_hidden_states=empty["encoder_hidden_states"].expand(len(x), -1, -1)).sample
+            c = self.unet(x, t, encoder_hidden_states=encoder_hidden_states).sample
+            return SimpleNamespace(sample=u + 3.0 * (c - u))
+
+    ours = diffusion_dpo_step(guided(predict, empty, 3.0), policy, FrozenCopyReference(reference_unet), scheduler,
+                              w, l, cond, draws, list(range(B)), beta=beta)
+    theirs, _ = salesforce_loss(HandGuided(policy), HandGuided(reference_unet), scheduler, w, l, cond, draws.noise,
+                                draws.step_index, PUBLISHED_BETA, "epsilon")
+    plain = diffusion_dpo_step(predict, policy, FrozenCopyReference(reference_unet), scheduler, w, l, cond, draws,
+                               list(range(B)), beta=beta)
+    torch.testing.assert_close(ours.loss, theirs, rtol=1e-5, atol=1e-6)
+    assert not math.isclose(ours.loss.item(), plain.loss.item(), rel_tol=1e-3)
+    assert guided(predict, empty, 1.0) is predict

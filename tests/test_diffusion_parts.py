@@ -185,6 +185,13 @@ def test_offline_hub_id_fails_fast_with_download_instructions(monkeypatch, tmp_p
         load_backbone("tango", "declare-lab/tango2")
 
 
+def test_config_rejects_a_non_positive_guidance_scale():
+    import diffusion_dpo
+
+    with pytest.raises(ValueError, match="loss.guidance_scale"):
+        load_config(diffusion_dpo.DiffusionDPOConfig, None, ["model.name_or_path=x", "loss.guidance_scale=0"])
+
+
 def test_config_rejects_inconsistent_reference():
     import diffusion_dpo
 
@@ -205,16 +212,21 @@ def test_config_rejects_a_bad_timestep_range(span):
                        ["model.name_or_path=x", "train.timestep_range=[0.5, 1.0]"]).train.timestep_range == [0.5, 1.0]
 
 
-def test_cached_reference_matches_frozen_copy_in_the_recipe(tmp_path):
+@pytest.mark.parametrize("family,guidance", [("sd15", 1.0), ("tango", 3.0)])
+def test_cached_reference_matches_frozen_copy_in_the_recipe(tmp_path, family, guidance):
+    """Also under ``loss.guidance_scale`` (tango: the empty prompt's shorter, masked condition is
+    padded beside the prompts'); cached errors are keyed by the guidance and timestep range."""
     import diffusion_dpo
     from diffdpo.diffusion.tiny import build_tiny
     from test_diffusion_recipe import overrides
 
-    model = str(build_tiny("sd15", tmp_path / "m"))
-    common = {"train.fixed_draws": "true", "train.max_steps": 2}
-    copy_run = diffusion_dpo.main(overrides(model, tmp_path / "copy", **common, reference="copy"))
-    cached = diffusion_dpo.main(overrides(model, tmp_path / "cached", **common, reference="cached"))
-    assert list((tmp_path / "cached" / "cache").glob("reference_*.safetensors"))
+    model = str(build_tiny(family, tmp_path / "m"))
+    common = {"train.fixed_draws": "true", "train.max_steps": 2, "loss.guidance_scale": guidance}
+    copy_run = diffusion_dpo.main(overrides(model, tmp_path / "copy", family, **common, reference="copy"))
+    cached = diffusion_dpo.main(overrides(model, tmp_path / "cached", family, **common, reference="cached"))
+    diffusion_dpo.main(overrides(model, tmp_path / "cached", family, **common, reference="cached",
+                                 **{"train.timestep_range": "[0.5, 1.0]"}))
+    assert len(list((tmp_path / "cached" / "cache").glob("reference_*.safetensors"))) == 2
     for a, b in zip(copy_run["history"], cached["history"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["mse/ref_chosen"] == pytest.approx(b["mse/ref_chosen"], rel=1e-5)

@@ -6,6 +6,10 @@
 
 ``sft_only`` (the SFT-first epochs of Tango 2) returns the winners' policy error, computing
 neither the losers' nor the reference's; ``sft_weight`` adds that error to every pair's preference loss (CRPO / RPO-style).
+
+:func:`guided` swaps the model's conditional prediction for the classifier-free-guided one, so the
+loss scores the sampler that is actually used (and that made the pairs) rather than the
+conditional model alone.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
-from diffdpo.diffusion.encode import repeat_for_pair
+from diffdpo.diffusion.encode import repeat_for_pair, stack_conditions
 from diffdpo.diffusion.logratios import PairDraws, logratios, pair_errors, pair_inputs, per_sample_mse
 from diffdpo.losses import PreferenceLossOutput, preference_loss
 
@@ -36,6 +41,26 @@ class DPOStep:
             out["mse/ref_chosen"], out["mse/ref_rejected"] = self.reference_errors
             out["rewards/chosen"], out["rewards/rejected"] = self.core.chosen_rewards, self.core.rejected_rewards
         return {k: v.detach().float() for k, v in out.items()}
+
+
+def guided(predict: Callable, uncond: dict[str, Tensor], scale: float) -> Callable:
+    """``predict`` replaced by the guided prediction ``u + scale * (c - u)``, where ``u`` is the
+    model's output for the empty prompt ``uncond`` (a ``[1, ...]`` condition) at the same input.
+
+    Both halves run in one forward pass; gradients flow through both. ``scale == 1`` returns
+    ``predict`` itself (the conditional prediction, as published)."""
+    if scale == 1.0:
+        return predict
+
+    def run(unet, noisy: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        n = noisy.shape[0]
+        empty = {k: v.to(cond[k].device).expand(n, *v.shape[1:]) for k, v in uncond.items()}
+        out = predict(unet, torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
+                      stack_conditions([cond, empty]))
+        conditional, unconditional = out.chunk(2)
+        return unconditional + scale * (conditional - unconditional)
+
+    return run
 
 
 def diffusion_dpo_step(predict: Callable, policy, reference, scheduler, chosen_latents: Tensor,

@@ -83,6 +83,9 @@ class LossConfig:
     sft_weight: float = field(default=0.0, metadata={"help": "weight of the winners' denoising loss (CRPO)"})
     sft_epochs: int = field(default=0, metadata={"help": "first epochs train the winners' loss only (Tango 2: 1)"})
     options: dict = field(default_factory=dict, metadata={"help": "loss-type options, e.g. label_smoothing"})
+    guidance_scale: float = field(default=1.0, metadata={
+        "help": "errors of the classifier-free-guided prediction u + g*(c - u), policy and reference alike "
+                "(1 = the conditional prediction, as published; costs a second forward per sample)"})
 
     def core_beta(self) -> float:
         return self.beta if self.beta_convention == "core" else diffusion_beta(self.beta, self.beta_convention)
@@ -148,6 +151,8 @@ class DiffusionDPOConfig:
             raise ValueError("reference=lora_disabled needs model.lora_rank > 0")
         if self.loss.type not in LOSS_TYPES:
             raise ValueError(f"loss.type: unknown {self.loss.type!r}; valid: {sorted(LOSS_TYPES)}")
+        if self.loss.guidance_scale <= 0:
+            raise ValueError(f"loss.guidance_scale: {self.loss.guidance_scale} must be > 0 (1 = no guidance)")
         span = self.train.timestep_range
         if len(span) != 2 or not 0 <= span[0] < span[1] <= 1:
             raise ValueError(f"train.timestep_range: {span} is not [low, high] with 0 <= low < high <= 1")
@@ -223,7 +228,7 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
     from diffdpo.diffusion.logratios import draw_pairs, num_train_steps, pair_errors, pair_inputs, pair_seed, \
         prediction_kind, timestep_buckets
     from diffdpo.diffusion.models import load_backbone
-    from diffdpo.diffusion.objective import diffusion_dpo_step
+    from diffdpo.diffusion.objective import diffusion_dpo_step, guided
     from diffdpo.diffusion.reference import CachedReference, FrozenCopyReference, LoraDisabledReference, cache_key, \
         compute_reference_errors
     from diffdpo.diffusion.tiny import build_tiny
@@ -299,6 +304,8 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
         cond = {k: v.to(accelerator.device) for k, v in cond.items()}
         return w.to(accelerator.device), l.to(accelerator.device), cond, draws
 
+    predict = guided(backbone.predict, encoded.condition(""), cfg.loss.guidance_scale)
+
     # ---- 3. reference
     if cfg.reference == "copy":
         reference = FrozenCopyReference(unet, weight_dtype)
@@ -315,12 +322,13 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
             if ref_unet is None:
                 unet.disable_adapters()
             try:
-                return pair_errors(lambda x, t, c: backbone.predict(model, x, t, c), inputs, repeat_for_pair(cond))
+                return pair_errors(lambda x, t, c: predict(model, x, t, c), inputs, repeat_for_pair(cond))
             finally:
                 if ref_unet is None:
                     unet.enable_adapters()
 
-        ref_key = cache_key({"encoded": key, "seed": tc.seed, "drop": tc.proportion_empty_prompts})
+        ref_key = cache_key({"encoded": key, "seed": tc.seed, "drop": tc.proportion_empty_prompts,
+                             "range": tc.timestep_range, "guidance": cfg.loss.guidance_scale})
         with accelerator.main_process_first():
             table = compute_reference_errors(cache_dir / f"reference_{ref_key}.safetensors", len(pairs),
                                              tc.per_device_batch, errors_of)
@@ -403,7 +411,7 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
             with accelerator.accumulate(unet):
                 w, l, cond, draws = batch_inputs(indices, epoch)
                 with accelerator.autocast():
-                    out = diffusion_dpo_step(backbone.predict, unet, reference, scheduler, w, l, cond, draws, indices,
+                    out = diffusion_dpo_step(predict, unet, reference, scheduler, w, l, cond, draws, indices,
                                              cfg.loss.type, cfg.loss.core_beta(), cfg.loss.sft_weight, sft_only,
                                              cfg.loss.options)
                 accelerator.backward(out.loss)
