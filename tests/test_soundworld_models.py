@@ -219,3 +219,51 @@ def test_cli_sample_then_detect(tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(line)
     assert result["path"] == str(wav) and isinstance(result["order"], list)
+
+
+def test_edited_captions_reverse_and_replace_events():
+    import random
+
+    from diffdpo.worlds.soundworld.scenes import scene_from_caption
+    from diffdpo.worlds.soundworld.sensitivity import edited_captions
+
+    scene = scene_from_caption("A dog barks, then a bell rings")
+    edits = edited_captions(scene, random.Random(0))
+    assert edits["reversed"] == "A bell rings, then a dog barks"
+    replaced = scene_from_caption(edits["replaced"])
+    assert len(set(replaced.events) & {"dog", "bell"}) == 1 and len(replaced.events) == 2
+    with pytest.raises(ValueError, match="not a sequence"):
+        edited_captions(scene_from_caption("Rain falls"), random.Random(0))
+
+
+def test_sensitivity_table_by_hand():
+    from diffdpo.worlds.soundworld.sensitivity import Sensitivity
+
+    s = Sensitivity([500], np.array([[1.0, 2.0, 3.0]]), {"reversed": np.array([[1.0, 3.0, 2.0]])})
+    (row,) = s.table()
+    assert row["true_better"] == pytest.approx((0.5 + 1 + 0) / 3)  # a tie counts half
+    assert row["relative_gap"] == pytest.approx((0 + 0.5 - 1 / 3) / 3)
+
+
+def test_caption_sensitivity_errors_by_hand(pipe, fresh):
+    """The reported errors are the UNet's denoising MSE at one shared noise per clip; the shipped
+    base reads which events a caption names (the replaced-event control)."""
+    from diffusers import DDPMScheduler
+
+    from diffdpo.worlds.soundworld.audio import log_mel
+    from diffdpo.worlds.soundworld.sensitivity import caption_sensitivity
+
+    scenes, audio = fresh
+    result = caption_sensitivity(pipe, scenes, audio, timesteps=(900,), seed=3, batch_size=7)
+    picked = [i for i, s in enumerate(scenes) if s.kind == SEQUENCE]
+    assert result.true_errors.shape == (1, len(picked)) and len(picked) >= 10
+    latents = pipe.mel_to_latents(log_mel(audio[picked], pipe.audio_config))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
+    steps = torch.full((len(picked),), 900)
+    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, steps)
+    with torch.no_grad():
+        states, mask = pipe.encode_text([scenes[i].caption for i in picked])
+        hand = (pipe.unet_forward(noisy, steps, states, mask) - noise).pow(2).mean(dim=(1, 2, 3))
+    np.testing.assert_allclose(result.true_errors[0], hand.numpy(), rtol=1e-4)
+    replaced = next(r for r in result.table() if r["variant"] == "replaced")
+    assert replaced["true_better"] > 0.7 and replaced["relative_gap"] > 0.05
