@@ -1,6 +1,6 @@
 """Does a SoundWorld generator read its caption's events, and their order?
 
-    python -m diffdpo.worlds.soundworld.sensitivity [--model DIR] [--clips 200] [--threads 2]
+    python -m diffdpo.worlds.soundworld.sensitivity [--model DIR] [--clips 600] [--threads 2]
 
 On real sequence clips (2-3 events one after another), the generator's denoising error with the
 true caption is compared with two edited captions at the same noisy input:
@@ -10,8 +10,9 @@ true caption is compared with two edited captions at the same noisy input:
 
 A model whose conditioning carries order has a lower error with the true caption than with the
 reversed one more often than not. Sampling and the oracle say *what* a model renders; this says
-whether the model can tell the captions apart in the first place, which a preference method that
-trains the UNet alone (the text encoder frozen) cannot change.
+whether the model tells the captions apart in the first place. If it does not because the text
+encoder gives both captions nearly the same states, Diffusion-DPO (which trains the UNet with the
+text encoder frozen) has almost nothing to learn order from.
 """
 
 from __future__ import annotations
