@@ -7,7 +7,8 @@ Stages (run in this order; each can run alone, later ones load what earlier ones
   oracle     per-frame event detector (log-mel CNN), validated on held-out clips
   clap       the SoundWorld CLAP (contrastive audio/text), the proxy scorer
   generator  mel VAE, then UNet + T5 text encoder jointly (EMA weights ship) in the Tango layout
-  evaluate   the base generator judged by the oracle on held-out captions
+  evaluate   the base generator judged by the oracle on held-out captions, and whether its
+             likelihood reads a caption's order (diffdpo.worlds.soundworld.sensitivity)
 ``generator_init=<a saved generator>`` continues training one (its tokenizer and VAE kept) instead
 of starting from scratch; the manifest keeps the earlier run's entry under ``continued_from``.
 Data is synthesised in memory from ``data.seed`` (train split for training, validation split for
@@ -56,6 +57,8 @@ class EvalConfig:
     steps: int = field(default=25, metadata={"help": "DDIM steps"})
     guidance: float = field(default=3.0, metadata={"help": "CFG scale"})
     seed: int = field(default=1234, metadata={"help": "first noise seed (caption i uses seed + i)"})
+    sensitivity_clips: int = field(default=600, metadata={
+        "help": "held-out test clips whose sequences measure whether the generator reads order (0 = skip)"})
 
 
 @dataclass
@@ -197,12 +200,17 @@ def stage_evaluate(cfg: PretrainConfig, out: Path, log) -> dict:
     from diffdpo.worlds.soundworld.evaluate import evaluate_generator
     from diffdpo.worlds.soundworld.oracle import Oracle
     from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.worlds.soundworld.sensitivity import caption_sensitivity
 
     pipe = SoundWorldPipeline.from_pretrained(out / "generator")
     oracle = Oracle.from_pretrained(out / "oracle")
     scenes, _ = clips(cfg.data.seed, "test", cfg.evaluate.captions)
-    return evaluate_generator(pipe, oracle, [s.caption for s in scenes], steps=cfg.evaluate.steps,
-                              guidance=cfg.evaluate.guidance, seed=cfg.evaluate.seed)
+    verdict = evaluate_generator(pipe, oracle, [s.caption for s in scenes], steps=cfg.evaluate.steps,
+                                 guidance=cfg.evaluate.guidance, seed=cfg.evaluate.seed)
+    if cfg.evaluate.sensitivity_clips:  # does the likelihood read the caption's events and their order?
+        scenes, audio = clips(cfg.data.seed, "test", cfg.evaluate.sensitivity_clips)
+        verdict["caption_sensitivity"] = caption_sensitivity(pipe, scenes, audio, seed=cfg.evaluate.seed).table()
+    return verdict
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """recipes/soundworld_pretrain.py's generator stage, tiny: from scratch it writes a loadable
 pipeline and a manifest entry; continued from a saved generator it keeps that generator's
 tokenizer and VAE exactly, starts UNet and text encoder from its weights, and records where it
-started."""
+started. The evaluate stage judges a generator with the oracle and records its caption sensitivity."""
 
 from __future__ import annotations
 
@@ -57,3 +57,24 @@ def test_generator_from_scratch_then_continued(pretrain, tmp_path):
     assert _same(base.vae, more.vae)
     assert more.tokenizer.get_vocab() == base.tokenizer.get_vocab()
     assert not _same(base.unet, more.unet)
+
+
+def test_evaluate_stage_records_the_verdict_and_caption_sensitivity(tmp_path):
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "recipes"))
+    import soundworld_pretrain
+
+    from diffdpo.worlds.soundworld import WEIGHTS_DIR
+
+    out = tmp_path / "weights"
+    for name in ("generator", "oracle"):
+        shutil.copytree(WEIGHTS_DIR / name, out / name)
+    soundworld_pretrain.main(["--config", str(ROOT / "recipes/configs/soundworld_pretrain.yaml"), "stages=[evaluate]",
+                              "threads=1", f"output_dir={out}", f"work_dir={tmp_path / 'work'}",
+                              "evaluate.captions=3", "evaluate.steps=2", "evaluate.sensitivity_clips=12"])
+    entry = json.loads((out / "MANIFEST.json").read_text())["evaluate"]
+    assert entry["metrics"]["settings"]["captions"] == 3
+    rows = entry["metrics"]["caption_sensitivity"]
+    assert {r["variant"] for r in rows} == {"reversed", "replaced"} and len(rows) == 10
+    assert all(0 <= r["true_better"] <= 1 for r in rows)
