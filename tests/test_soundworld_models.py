@@ -183,6 +183,9 @@ def test_pipeline_round_trips_through_save_pretrained(pipe, tmp_path):
     a = pipe(["A siren wails"], num_inference_steps=2, seed=1, output="latent")
     b = again(["A siren wails"], num_inference_steps=2, seed=1, output="latent")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for config in (tmp_path / "copy").glob("*/*config.json"):  # nothing about where it was loaded from
+        text = config.read_text()
+        assert str(WEIGHTS_DIR) not in text and "_name_or_path" not in text and "local_files_only" not in text, config
 
 
 def test_missing_model_folder_says_what_is_missing(tmp_path):

@@ -53,6 +53,19 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+LOAD_TIME_KEYS = ("_name_or_path", "is_local", "local_files_only")
+
+
+def _drop_load_time_keys(folder: Path) -> None:
+    """Remove what ``from_pretrained`` records about where and how a model was loaded (a local path,
+    offline flags) from the configs ``save_pretrained`` just wrote: a saved folder describes the
+    model, not the machine it was loaded on."""
+    for config in folder.glob("*/*config.json"):
+        data = json.loads(config.read_text())
+        if any(k in data for k in LOAD_TIME_KEYS):
+            config.write_text(json.dumps({k: v for k, v in data.items() if k not in LOAD_TIME_KEYS}, indent=2) + "\n")
+
+
 class SoundWorldPipeline:
     """The components of a Tango-shaped model plus sampling. Inference only (``torch.no_grad``)."""
 
@@ -95,6 +108,7 @@ class SoundWorldPipeline:
         self.vae.save_pretrained(tmp / "vae")
         self.unet.save_pretrained(tmp / "unet")
         self.scheduler.save_pretrained(tmp / "scheduler")
+        _drop_load_time_keys(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
