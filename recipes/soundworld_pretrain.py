@@ -204,12 +204,13 @@ def stage_evaluate(cfg: PretrainConfig, out: Path, log) -> dict:
 
     pipe = SoundWorldPipeline.from_pretrained(out / "generator")
     oracle = Oracle.from_pretrained(out / "oracle")
-    scenes, _ = clips(cfg.data.seed, "test", cfg.evaluate.captions)
-    verdict = evaluate_generator(pipe, oracle, [s.caption for s in scenes], steps=cfg.evaluate.steps,
-                                 guidance=cfg.evaluate.guidance, seed=cfg.evaluate.seed)
-    if cfg.evaluate.sensitivity_clips:  # does the likelihood read the caption's events and their order?
-        scenes, audio = clips(cfg.data.seed, "test", cfg.evaluate.sensitivity_clips)
-        verdict["caption_sensitivity"] = caption_sensitivity(pipe, scenes, audio, seed=cfg.evaluate.seed).table()
+    ev = cfg.evaluate
+    scenes, audio = clips(cfg.data.seed, "test", max(ev.captions, ev.sensitivity_clips))  # synthesised once
+    verdict = evaluate_generator(pipe, oracle, [s.caption for s in scenes[:ev.captions]], steps=ev.steps,
+                                 guidance=ev.guidance, seed=ev.seed)
+    if ev.sensitivity_clips:  # does the likelihood read the caption's events and their order?
+        n = ev.sensitivity_clips
+        verdict["caption_sensitivity"] = caption_sensitivity(pipe, scenes[:n], audio[:n], seed=ev.seed).table()
     return verdict
 
 

@@ -18,13 +18,18 @@ TINY = ["stages=[generator]", "threads=1", "data.generator_clips=12", "data.vali
 
 
 @pytest.fixture(scope="module")
-def pretrain():
+def recipe():
     sys.path.insert(0, str(ROOT / "recipes"))
     import soundworld_pretrain
 
+    return soundworld_pretrain
+
+
+@pytest.fixture(scope="module")
+def pretrain(recipe):
     def run(out: Path, *overrides: str) -> dict:
-        soundworld_pretrain.main(["--config", str(ROOT / "recipes/configs/soundworld_pretrain.yaml"), *TINY,
-                                  f"output_dir={out}", f"work_dir={out.parent / (out.name + '_work')}", *overrides])
+        recipe.main(["--config", str(ROOT / "recipes/configs/soundworld_pretrain.yaml"), *TINY,
+                     f"output_dir={out}", f"work_dir={out.parent / (out.name + '_work')}", *overrides])
         return json.loads((out / "MANIFEST.json").read_text())["generator"]
 
     return run
@@ -59,20 +64,17 @@ def test_generator_from_scratch_then_continued(pretrain, tmp_path):
     assert not _same(base.unet, more.unet)
 
 
-def test_evaluate_stage_records_the_verdict_and_caption_sensitivity(tmp_path):
+def test_evaluate_stage_records_the_verdict_and_caption_sensitivity(recipe, tmp_path):
     import shutil
-
-    sys.path.insert(0, str(ROOT / "recipes"))
-    import soundworld_pretrain
 
     from diffdpo.worlds.soundworld import WEIGHTS_DIR
 
     out = tmp_path / "weights"
     for name in ("generator", "oracle"):
         shutil.copytree(WEIGHTS_DIR / name, out / name)
-    soundworld_pretrain.main(["--config", str(ROOT / "recipes/configs/soundworld_pretrain.yaml"), "stages=[evaluate]",
-                              "threads=1", f"output_dir={out}", f"work_dir={tmp_path / 'work'}",
-                              "evaluate.captions=3", "evaluate.steps=2", "evaluate.sensitivity_clips=12"])
+    recipe.main(["--config", str(ROOT / "recipes/configs/soundworld_pretrain.yaml"), "stages=[evaluate]", "threads=1",
+                 f"output_dir={out}", f"work_dir={tmp_path / 'work'}", "evaluate.captions=3", "evaluate.steps=2",
+                 "evaluate.sensitivity_clips=12"])
     entry = json.loads((out / "MANIFEST.json").read_text())["evaluate"]
     assert entry["metrics"]["settings"]["captions"] == 3
     rows = entry["metrics"]["caption_sensitivity"]

@@ -71,6 +71,8 @@ def caption_sensitivity(pipe, scenes: list[Scene], audio: np.ndarray, timesteps=
     timestep), shared by every caption of that clip."""
     from diffusers import DDPMScheduler
 
+    from diffdpo.diffusion.logratios import noisy_and_target, per_sample_mse
+
     picked = [i for i, s in enumerate(scenes) if s.kind == SEQUENCE]
     if not picked:
         raise ValueError("no sequence clips among the scenes given")
@@ -78,20 +80,19 @@ def caption_sensitivity(pipe, scenes: list[Scene], audio: np.ndarray, timesteps=
     captions = {"true": [scenes[i].caption for i in picked]}
     edits = [edited_captions(scenes[i], rng) for i in picked]
     captions.update({v: [e[v] for e in edits] for v in VARIANTS})
+    parts = [slice(start, start + batch_size) for start in range(0, len(picked), batch_size)]
+    conditions = {name: [pipe.encode_text(texts[part]) for part in parts] for name, texts in captions.items()}
     noising = DDPMScheduler.from_config(pipe.scheduler.config)
     latents = pipe.mel_to_latents(log_mel(np.asarray(audio)[picked], pipe.audio_config))
     generator = torch.Generator().manual_seed(seed)
     errors = {name: np.zeros((len(timesteps), len(picked))) for name in captions}
     for k, t in enumerate(timesteps):
         noise = torch.randn(latents.shape, generator=generator)
-        steps = torch.full((len(picked),), int(t))
-        noisy = noising.add_noise(latents, noise, steps)
-        for start in range(0, len(picked), batch_size):
-            part = slice(start, start + batch_size)
-            for name, texts in captions.items():
-                states, mask = pipe.encode_text(texts[part])
+        noisy, steps, target = noisy_and_target(noising, latents, noise, torch.full((len(picked),), int(t)))
+        for name, per_part in conditions.items():
+            for part, (states, mask) in zip(parts, per_part):
                 pred = pipe.unet_forward(noisy[part], steps[part], states, mask)
-                errors[name][k, part] = (pred - noise[part]).pow(2).flatten(1).mean(1).numpy()
+                errors[name][k, part] = per_sample_mse(pred, target[part]).numpy()
     return Sensitivity(list(timesteps), errors["true"], {v: errors[v] for v in VARIANTS})
 
 
