@@ -270,3 +270,51 @@ def test_caption_sensitivity_errors_by_hand(pipe, fresh):
     np.testing.assert_allclose(result.true_errors[0], hand.numpy(), rtol=1e-4)
     replaced = next(r for r in result.table() if r["variant"] == "replaced")
     assert replaced["true_better"] > 0.7 and replaced["relative_gap"] > 0.05
+
+
+def test_linear_probe_by_hand():
+    """A target that is a feature is read exactly; one independent of the features is not."""
+    from diffdpo.worlds.soundworld.sensitivity import linear_probe
+
+    rng = np.random.default_rng(0)
+    target = rng.uniform(size=400)
+    noise = rng.standard_normal((400, 5))
+    exact = linear_probe(np.c_[noise, 3 * target - 1], target, n_fit=200, ridge=1e-9)
+    assert exact["r2"] == pytest.approx(1.0, abs=1e-6) and exact["half_accuracy"] == 1.0
+    blind = linear_probe(noise, target, n_fit=200)
+    assert blind["r2"] < 0.05 and 0.35 < blind["half_accuracy"] < 0.65
+
+
+def test_query_time_probe_reads_what_enters_each_cross_attention(pipe, fresh):
+    """One row per cross-attention layer and timestep (in the order the forward pass reaches them),
+    on the layer's own grid; the probe is fitted to the tokens that enter attn2 (checked against a
+    hand capture and fit), and the hooks are removed."""
+    from diffdpo.worlds.soundworld.audio import log_mel
+    from diffdpo.worlds.soundworld.sensitivity import linear_probe, query_time_probe
+
+    scenes, audio = fresh
+    captions, audio = [s.caption for s in scenes[:16]], audio[:16]
+    rows = query_time_probe(pipe, captions, audio, timesteps=(700,), seed=5)
+    layers = [n for n, m in pipe.unet.named_modules() if getattr(m, "attn2", None) is not None]
+    assert sorted(r["layer"] for r in rows) == sorted(layers) and {r["grid"] for r in rows} == {"16x16", "8x8"}
+    assert all(not m._forward_pre_hooks for m in pipe.unet.modules())
+
+    from diffusers import DDPMScheduler
+
+    first = dict(pipe.unet.named_modules())[layers[0]]
+    seen = []
+    hook = first.attn2.register_forward_pre_hook(lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]),
+                                                 with_kwargs=True)
+    latents = pipe.mel_to_latents(log_mel(audio, pipe.audio_config))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))
+    steps = torch.full((16,), 700)
+    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, steps)
+    with torch.no_grad():
+        pipe.unet_forward(noisy, steps, *pipe.encode_text(captions))
+    hook.remove()
+    tokens = seen[0].numpy()  # [16, 256, C]: a 16x16 grid, time the fast axis
+    position = np.tile(np.tile(np.arange(16) / 15, 16), 16)
+    hand = linear_probe(tokens.reshape(-1, tokens.shape[-1]), position, n_fit=8 * 256)
+    (row,) = [r for r in rows if r["layer"] == layers[0]]
+    assert row["grid"] == "16x16" and row["r2"] == pytest.approx(hand["r2"], abs=1e-6)
+    assert row["half_accuracy"] == pytest.approx(hand["half_accuracy"])

@@ -13,6 +13,10 @@ reversed one more often than not. Sampling and the oracle say *what* a model ren
 whether the model tells the captions apart in the first place. If it does not because the text
 encoder gives both captions nearly the same states, Diffusion-DPO (which trains the UNet with the
 text encoder frozen) has almost nothing to learn order from.
+
+The other half of reading order is on the audio side: :func:`query_time_probe` asks how well a
+linear probe reads a query token's position in time from what enters each cross-attention, since
+a query that does not know whether it is early or late cannot pick the caption's first event.
 """
 
 from __future__ import annotations
@@ -96,6 +100,62 @@ def caption_sensitivity(pipe, scenes: list[Scene], audio: np.ndarray, timesteps=
     return Sensitivity(list(timesteps), errors["true"], {v: errors[v] for v in VARIANTS})
 
 
+def linear_probe(features: np.ndarray, target: np.ndarray, n_fit: int, ridge: float = 1e-2) -> dict:
+    """Ridge regression of ``target [N]`` on ``features [N, C]``, fitted on the first ``n_fit`` rows
+    and scored on the rest: ``r2`` and ``half_accuracy`` (is the target above or below 0.5)."""
+    mean = features[:n_fit].mean(0)
+    design = np.c_[features - mean, np.ones(len(features))]
+    fit, held = design[:n_fit], design[n_fit:]
+    weights = np.linalg.solve(fit.T @ fit + ridge * np.eye(fit.shape[1]), fit.T @ target[:n_fit])
+    pred, truth = held @ weights, target[n_fit:]
+    return {"r2": float(1 - ((pred - truth) ** 2).mean() / truth.var()),
+            "half_accuracy": float(np.mean((pred > 0.5) == (truth > 0.5)))}
+
+
+@torch.no_grad()
+def query_time_probe(pipe, captions: list[str], audio: np.ndarray, timesteps=(300, 700, 900),
+                     seed: int = 0) -> list[dict]:
+    """Per cross-attention layer (in forward order) and timestep: :func:`linear_probe` of each
+    query token's time position (0 = clip start, 1 = end) from the token features entering that
+    layer's ``attn2``, fitted on the first half of the clips and scored on the second (each clip
+    with its caption)."""
+    from diffusers import DDPMScheduler
+
+    from diffdpo.diffusion.logratios import noisy_and_target
+
+    if len(audio) < 4 or len(captions) != len(audio):
+        raise ValueError(f"query_time_probe needs at least 4 clips, one caption each (got {len(audio)} clips, "
+                         f"{len(captions)} captions)")
+    captured, hooks = {}, []
+    for name, module in pipe.unet.named_modules():
+        if hasattr(module, "attn2") and module.attn2 is not None:
+            def keep(mod, args, kwargs, name=name):
+                captured[name] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            hooks.append(module.attn2.register_forward_pre_hook(keep, with_kwargs=True))
+    if not hooks:
+        raise ValueError("the UNet has no cross-attention layers to probe")
+    latents = pipe.mel_to_latents(log_mel(np.asarray(audio), pipe.audio_config))
+    states, mask = pipe.encode_text(captions)
+    noising = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(seed)
+    rows, n_fit = [], len(latents) // 2
+    try:
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=generator)
+            noisy, steps, _ = noisy_and_target(noising, latents, noise, torch.full((len(latents),), int(t)))
+            pipe.unet_forward(noisy, steps, states, mask)
+            for name, tokens in captured.items():  # [B, H*W, C], row-major over (frequency, time)
+                n, hw, c = tokens.shape
+                width = int(round((hw * latents.shape[-1] / latents.shape[-2]) ** 0.5))
+                position = np.tile(np.arange(width) / (width - 1), hw // width)
+                probe = linear_probe(tokens.reshape(n * hw, c).float().numpy(), np.tile(position, n), n_fit * hw)
+                rows.append({"timestep": int(t), "layer": name, "grid": f"{hw // width}x{width}", **probe})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     from diffdpo.worlds.soundworld.dataset import clips
     from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
@@ -109,12 +169,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     scenes, audio = clips(0, "test", args.clips)
-    result = caption_sensitivity(SoundWorldPipeline.from_pretrained(args.model), scenes, audio, seed=args.seed)
+    pipe = SoundWorldPipeline.from_pretrained(args.model)
+    result = caption_sensitivity(pipe, scenes, audio, seed=args.seed)
     rows = result.table()
     print(f"{result.true_errors.shape[1]} sequence clips; true caption vs edited, same noise")
     print("| timestep | variant | true caption better | mean relative gap |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['timestep']} | {r['variant']} | {r['true_better']:.2f} | {r['relative_gap']:+.4f} |")
+    n_probe = min(args.clips, 160)
+    print(f"\ncross-attention queries: time position read by a linear probe ({n_probe // 2} clips fit, "
+          f"{n_probe - n_probe // 2} held out, true captions)")
+    print("| timestep | layer | grid | R^2 | first/second half right |\n|---|---|---|---|---|")
+    for r in query_time_probe(pipe, [s.caption for s in scenes[:n_probe]], audio[:n_probe], seed=args.seed):
+        print(f"| {r['timestep']} | {r['layer']} | {r['grid']} | {r['r2']:.2f} | {r['half_accuracy']:.2f} |")
     return rows
 
 
