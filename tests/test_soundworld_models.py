@@ -283,6 +283,15 @@ def test_linear_probe_by_hand():
     assert exact["r2"] == pytest.approx(1.0, abs=1e-6) and exact["half_accuracy"] == 1.0
     blind = linear_probe(noise, target, n_fit=200)
     assert blind["r2"] < 0.05 and 0.35 < blind["half_accuracy"] < 0.65
+    # without the ridge it is ordinary least squares: numpy's lstsq fit, scored on the held-out rows
+    noisy = noise[:, 0] * 0.3 + target + 0.2 * rng.standard_normal(400)
+    features = np.c_[noise, noisy]
+    probe = linear_probe(features, target, n_fit=200, ridge=1e-12)
+    design = np.c_[features, np.ones(400)]
+    weights = np.linalg.lstsq(design[:200], target[:200], rcond=None)[0]
+    pred = design[200:] @ weights
+    assert probe["r2"] == pytest.approx(1 - ((pred - target[200:]) ** 2).mean() / target[200:].var(), abs=1e-9)
+    assert probe["half_accuracy"] == np.mean((pred > 0.5) == (target[200:] > 0.5))
 
 
 def test_query_time_probe_reads_what_enters_each_cross_attention(pipe, fresh):
