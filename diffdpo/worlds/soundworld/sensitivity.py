@@ -68,14 +68,27 @@ class Sensitivity:
         return rows
 
 
+def _noised(pipe, audio: np.ndarray, timesteps, seed: int):
+    """For each timestep in turn: ``(k, noisy, steps, target)`` for the clips' latents, one fresh
+    noise draw per timestep from a generator seeded with ``seed``."""
+    from diffusers import DDPMScheduler
+
+    from diffdpo.diffusion.logratios import noisy_and_target
+
+    noising = DDPMScheduler.from_config(pipe.scheduler.config)
+    latents = pipe.mel_to_latents(log_mel(np.asarray(audio), pipe.audio_config))
+    generator = torch.Generator().manual_seed(seed)
+    for k, t in enumerate(timesteps):
+        noise = torch.randn(latents.shape, generator=generator)
+        yield (k, *noisy_and_target(noising, latents, noise, torch.full((len(latents),), int(t))))
+
+
 @torch.no_grad()
 def caption_sensitivity(pipe, scenes: list[Scene], audio: np.ndarray, timesteps=(100, 300, 500, 700, 900),
                         seed: int = 0, batch_size: int = 50) -> Sensitivity:
     """Errors of ``pipe`` on the sequence clips among ``scenes``/``audio``; one noise per (clip,
     timestep), shared by every caption of that clip."""
-    from diffusers import DDPMScheduler
-
-    from diffdpo.diffusion.logratios import noisy_and_target, per_sample_mse
+    from diffdpo.diffusion.logratios import per_sample_mse
 
     picked = [i for i, s in enumerate(scenes) if s.kind == SEQUENCE]
     if not picked:
@@ -86,13 +99,8 @@ def caption_sensitivity(pipe, scenes: list[Scene], audio: np.ndarray, timesteps=
     captions.update({v: [e[v] for e in edits] for v in VARIANTS})
     parts = [slice(start, start + batch_size) for start in range(0, len(picked), batch_size)]
     conditions = {name: [pipe.encode_text(texts[part]) for part in parts] for name, texts in captions.items()}
-    noising = DDPMScheduler.from_config(pipe.scheduler.config)
-    latents = pipe.mel_to_latents(log_mel(np.asarray(audio)[picked], pipe.audio_config))
-    generator = torch.Generator().manual_seed(seed)
     errors = {name: np.zeros((len(timesteps), len(picked))) for name in captions}
-    for k, t in enumerate(timesteps):
-        noise = torch.randn(latents.shape, generator=generator)
-        noisy, steps, target = noisy_and_target(noising, latents, noise, torch.full((len(picked),), int(t)))
+    for k, noisy, steps, target in _noised(pipe, np.asarray(audio)[picked], timesteps, seed):
         for name, per_part in conditions.items():
             for part, (states, mask) in zip(parts, per_part):
                 pred = pipe.unet_forward(noisy[part], steps[part], states, mask)
@@ -119,10 +127,6 @@ def query_time_probe(pipe, captions: list[str], audio: np.ndarray, timesteps=(30
     query token's time position (0 = clip start, 1 = end) from the token features entering that
     layer's ``attn2``, fitted on the first half of the clips and scored on the second (each clip
     with its caption)."""
-    from diffusers import DDPMScheduler
-
-    from diffdpo.diffusion.logratios import noisy_and_target
-
     if len(audio) < 4 or len(captions) != len(audio):
         raise ValueError(f"query_time_probe needs at least 4 clips, one caption each (got {len(audio)} clips, "
                          f"{len(captions)} captions)")
@@ -134,22 +138,17 @@ def query_time_probe(pipe, captions: list[str], audio: np.ndarray, timesteps=(30
             hooks.append(module.attn2.register_forward_pre_hook(keep, with_kwargs=True))
     if not hooks:
         raise ValueError("the UNet has no cross-attention layers to probe")
-    latents = pipe.mel_to_latents(log_mel(np.asarray(audio), pipe.audio_config))
     states, mask = pipe.encode_text(captions)
-    noising = DDPMScheduler.from_config(pipe.scheduler.config)
-    generator = torch.Generator().manual_seed(seed)
-    rows, n_fit = [], len(latents) // 2
+    rows, n_fit = [], len(audio) // 2
     try:
-        for t in timesteps:
-            noise = torch.randn(latents.shape, generator=generator)
-            noisy, steps, _ = noisy_and_target(noising, latents, noise, torch.full((len(latents),), int(t)))
+        for k, noisy, steps, _ in _noised(pipe, audio, timesteps, seed):
             pipe.unet_forward(noisy, steps, states, mask)
             for name, tokens in captured.items():  # [B, H*W, C], row-major over (frequency, time)
                 n, hw, c = tokens.shape
-                width = int(round((hw * latents.shape[-1] / latents.shape[-2]) ** 0.5))
+                width = int(round((hw * noisy.shape[-1] / noisy.shape[-2]) ** 0.5))
                 position = np.tile(np.arange(width) / (width - 1), hw // width)
                 probe = linear_probe(tokens.reshape(n * hw, c).float().numpy(), np.tile(position, n), n_fit * hw)
-                rows.append({"timestep": int(t), "layer": name, "grid": f"{hw // width}x{width}", **probe})
+                rows.append({"timestep": int(timesteps[k]), "layer": name, "grid": f"{hw // width}x{width}", **probe})
     finally:
         for hook in hooks:
             hook.remove()
