@@ -169,7 +169,7 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
     vae_metrics["validation_logmel_l1"] = (v_rec - v_mels).abs().mean().item()
     vae_metrics.update(latent_shift=shift, latent_scale=scale)
     print(f"vae: {vae_metrics}", flush=True)
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(cfg.generator.prediction_type, cfg.generator.timestep_spacing)
 
     def pipeline_with(ema_unet, ema_text) -> SoundWorldPipeline:
         import copy

@@ -80,3 +80,45 @@ def test_evaluate_stage_records_the_verdict_and_caption_sensitivity(recipe, tmp_
     rows = entry["metrics"]["caption_sensitivity"]
     assert {r["variant"] for r in rows} == {"reversed", "replaced"} and len(rows) == 10
     assert all(0 <= r["true_better"] <= 1 for r in rows)
+
+
+class _ZeroUNet(torch.nn.Module):
+    """Predicts zeros, so the training loss is the mean square of the target itself."""
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(in_channels=in_channels)
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, encoder_hidden_states=None, encoder_attention_mask=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=self.weight * x[:, : x.shape[1] - 1])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_generator_trains_toward_the_schedulers_target(prediction_type):
+    """The loss of one step equals the mean square of the hand-derived target for the draws the
+    step made: eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (latents far from zero, so the
+    two differ)."""
+    from diffdpo.worlds.soundworld.components import GeneratorArch, build_scheduler, build_text_encoder, train_tokenizer
+    from diffdpo.worlds.soundworld.train import GeneratorConfig, train_generator
+
+    captions = ["a dog barks", "a bell rings", "rain falls", "a siren wails"]
+    tokenizer = train_tokenizer(captions)
+    scheduler = build_scheduler(prediction_type, "trailing")
+    drawn = []
+    add_noise = scheduler.add_noise
+    scheduler.add_noise = lambda x0, noise, t: drawn.append((x0, noise, t)) or add_noise(x0, noise, t)
+    latents = 3.0 + torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cfg = GeneratorConfig(steps=1, batch_size=4, cfg_dropout=0.0, snapshot_every=0, prediction_type=prediction_type)
+    metrics, _, _ = train_generator(_ZeroUNet(5), build_text_encoder(len(tokenizer), GeneratorArch()), tokenizer,
+                                    scheduler, latents, captions, cfg)
+
+    (x0, noise, t), = drawn
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    target = noise if prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    assert metrics["final_loss_ema"] == pytest.approx(target.pow(2).mean().item(), rel=1e-5)
+    assert scheduler.config.timestep_spacing == "trailing"

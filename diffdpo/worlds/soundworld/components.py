@@ -80,11 +80,13 @@ def build_unet(latent_size: int, arch: GeneratorArch):
         cross_attention_dim=arch.text_width, attention_head_dim=arch.attention_head_dim, norm_num_groups=8)
 
 
-def build_scheduler():
+def build_scheduler(prediction_type: str = "epsilon", timestep_spacing: str = "leading"):
+    """DDPM training schedule (cosine: terminal SNR ~2e-9); the sampler (DDIM) reads its
+    ``prediction_type`` and ``timestep_spacing`` from this config."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
-                         clip_sample=False)
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
+                         timestep_spacing=timestep_spacing, clip_sample=False)
 
 
 def with_time_ramp(latents: torch.Tensor, unet_in_channels: int) -> torch.Tensor:

@@ -106,6 +106,11 @@ class GeneratorConfig(LoopConfig):
     cfg_dropout: float = field(default=0.1, metadata={"help": "share of captions replaced by '' (for CFG)"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of UNet and text encoder (with warmup)"})
     snapshot_every: int = field(default=500, metadata={"help": "call the snapshot hook every N steps; 0 = never"})
+    prediction_type: str = field(default="epsilon", metadata={
+        "help": "UNet target, saved in the scheduler config: epsilon | v_prediction (v keeps weight on the "
+                "noisiest steps, where a sample's layout is decided)"})
+    timestep_spacing: str = field(default="leading", metadata={
+        "help": "DDIM sampling steps: leading (first step t=900 of 1000 at 10 steps) | trailing (first t=999)"})
 
 
 def tokenize(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,13 +121,15 @@ def tokenize(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor
 def train_generator(unet, text_encoder, tokenizer, noise_scheduler, latents: torch.Tensor, captions: list[str],
                     cfg: GeneratorConfig, seed: int = 0, log: Log = _no_log,
                     snapshot: Callable[[int, object, object], None] | None = None):
-    """Denoising (epsilon) training of UNet and text encoder jointly on scaled ``latents``.
+    """Denoising training of UNet and text encoder jointly on scaled ``latents``, toward the
+    target of ``noise_scheduler``'s ``prediction_type``.
 
     Returns ``(metrics, ema_unet, ema_text)``: EMA models are what ships. ``snapshot(step,
     ema_unet, ema_text)`` is called every ``snapshot_every`` steps.
     """
     from diffusers.training_utils import EMAModel
 
+    from diffdpo.diffusion.logratios import noisy_and_target
     from diffdpo.worlds.soundworld.components import with_time_ramp
 
     gen = torch.Generator().manual_seed(seed)
@@ -150,12 +157,12 @@ def train_generator(unet, text_encoder, tokenizer, noise_scheduler, latents: tor
         b_ids, b_mask = b_ids[:, :width], b_mask[:, :width]
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, n_train_t, (len(idx),), generator=gen)
-        xt = noise_scheduler.add_noise(x0, noise, t)
+        xt, t, target = noisy_and_target(noise_scheduler, x0, noise,
+                                         torch.randint(0, n_train_t, (len(idx),), generator=gen))
         states = text_encoder(input_ids=b_ids, attention_mask=b_mask).last_hidden_state
         pred = unet(with_time_ramp(xt, unet.config.in_channels), t, encoder_hidden_states=states,
                     encoder_attention_mask=b_mask).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
