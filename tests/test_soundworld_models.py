@@ -213,6 +213,59 @@ def test_time_ramp_channel():
         with_time_ramp(x, 7)
 
 
+def test_position_features_by_hand():
+    """Each query token gets query_time * tau / sqrt(C) (tau -1..1 along time, the fast axis of the
+    square grid), each text state key_position * (j / 8 - 1) / sqrt(D); softmax attention computed
+    by hand on those shifted inputs, one head."""
+    from diffusers.models.attention_processor import Attention
+
+    from diffdpo.worlds.soundworld.components import PositionalCrossAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=6, cross_attention_dim=5, heads=1, dim_head=6).eval()
+    attn.set_processor(PositionalCrossAttnProcessor(query_time=2.0, key_position=3.0))
+    h, states = torch.randn(1, 9, 6), torch.randn(1, 4, 5)  # a 3x3 grid, 4 text tokens
+    with torch.no_grad():
+        got = attn(h, encoder_hidden_states=states)
+        tau = torch.tensor([-1.0, 0.0, 1.0] * 3)
+        q = attn.to_q(h + 2.0 * tau[None, :, None] / 6 ** 0.5)
+        shifted = states + 3.0 * (torch.arange(4.0) / 8 - 1)[None, :, None] / 5 ** 0.5
+        k, v = attn.to_k(shifted), attn.to_v(shifted)
+        want = attn.to_out[0](torch.softmax(q @ k.transpose(1, 2) / 6 ** 0.5, dim=-1) @ v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="square"):
+        attn(torch.randn(1, 8, 6), encoder_hidden_states=states)
+
+
+def test_position_features_round_trip_and_leave_self_attention_alone(pipe, tmp_path):
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from diffdpo.worlds.soundworld.components import position_features, set_position_features
+    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+
+    assert position_features(pipe.unet) is None
+    featured = copy.copy(pipe)
+    featured.unet = copy.deepcopy(pipe.unet)
+    assert set_position_features(featured.unet, 4.0, 2.0) == 7  # every cross-attention, no self-attention
+    assert sum(isinstance(p, AttnProcessor2_0) for p in featured.unet.attn_processors.values()) == 7
+    featured.save_pretrained(tmp_path / "featured")
+    index = json.loads((tmp_path / "featured" / "model_index.json").read_text())
+    assert index["position_features"] == {"query_time": 4.0, "key_position": 2.0}
+    again = SoundWorldPipeline.from_pretrained(tmp_path / "featured")
+    assert position_features(again.unet) == {"query_time": 4.0, "key_position": 2.0}
+    a = featured(["A dog barks, then a bell rings"], num_inference_steps=2, seed=3, output="latent")
+    b = again(["A dog barks, then a bell rings"], num_inference_steps=2, seed=3, output="latent")
+    plain = pipe(["A dog barks, then a bell rings"], num_inference_steps=2, seed=3, output="latent")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - plain).abs().max() > 1e-3
+    set_position_features(again.unet, 0.0, 0.0)
+    assert position_features(again.unet) is None
+    torch.testing.assert_close(again(["A dog barks, then a bell rings"], num_inference_steps=2, seed=3,
+                                     output="latent"), plain, rtol=1e-5, atol=1e-5)
+
+
 def test_cli_sample_then_detect(tmp_path, capsys):
     from diffdpo.cli import main
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from diffdpo.worlds.soundworld.audio import AudioConfig, griffin_lim, log_mel
-from diffdpo.worlds.soundworld.components import with_time_ramp
+from diffdpo.worlds.soundworld.components import position_features, set_position_features, with_time_ramp
 
 MODEL_INDEX = {
     "_class_name": "TangoStylePipeline",
@@ -89,11 +89,14 @@ class SoundWorldPipeline:
         cfg = AudioConfig.load(path / "audio_config.json")
         if cfg.vocoder != "griffin_lim":
             raise ValueError(f"{path}: vocoder {cfg.vocoder!r} is not supported by SoundWorldPipeline")
+        unet = UNet2DConditionModel.from_pretrained(path / "unet").eval()
+        features = json.loads((path / "model_index.json").read_text()).get("position_features")
+        if features:  # cross-attention position features (components.PositionalCrossAttnProcessor)
+            set_position_features(unet, features["query_time"], features["key_position"])
         return cls(load_tokenizer(path / "tokenizer"),
                    T5EncoderModel.from_pretrained(path / "text_encoder").eval(),
                    AutoencoderKL.from_pretrained(path / "vae").eval(),
-                   UNet2DConditionModel.from_pretrained(path / "unet").eval(),
-                   DDPMScheduler.from_pretrained(path / "scheduler"), cfg)
+                   unet, DDPMScheduler.from_pretrained(path / "scheduler"), cfg)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the folder atomically (temporary sibling, then rename)."""
@@ -101,7 +104,9 @@ class SoundWorldPipeline:
         tmp = path.parent / f".tmp_{path.name}_{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+        features = position_features(self.unet)
+        index = {**MODEL_INDEX, **({"position_features": features} if features else {})}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         self.audio_config.save(tmp / "audio_config.json")
         self.tokenizer.save_pretrained(tmp / "tokenizer")
         self.text_encoder.save_pretrained(tmp / "text_encoder")
