@@ -78,7 +78,7 @@ def test_evaluate_stage_records_the_verdict_and_caption_sensitivity(recipe, tmp_
     entry = json.loads((out / "MANIFEST.json").read_text())["evaluate"]
     assert entry["metrics"]["settings"]["captions"] == 3
     rows = entry["metrics"]["caption_sensitivity"]
-    assert {r["variant"] for r in rows} == {"reversed", "replaced"} and len(rows) == 10
+    assert {r["variant"] for r in rows} == {"reversed", "replaced"} and len(rows) == 12
     assert all(0 <= r["true_better"] <= 1 for r in rows)
 
 

@@ -9,7 +9,8 @@ true caption is compared with two edited captions at the same noisy input:
 - ``replaced``: one event swapped for another (the control: how much the model reads text at all).
 
 A model whose conditioning carries order has a lower error with the true caption than with the
-reversed one more often than not. Sampling and the oracle say *what* a model renders; this says
+reversed one more often than not; it shows most at the noisiest timestep (990), where a sample's
+layout is decided and only the caption can say which event comes first. Sampling and the oracle say *what* a model renders; this says
 whether the model tells the captions apart in the first place. If it does not because the text
 encoder gives both captions nearly the same states, Diffusion-DPO (which trains the UNet with the
 text encoder frozen) has almost nothing to learn order from.
@@ -17,6 +18,8 @@ text encoder frozen) has almost nothing to learn order from.
 The other half of reading order is on the audio side: :func:`query_time_probe` asks how well a
 linear probe reads a query token's position in time from what enters each cross-attention, since
 a query that does not know whether it is early or late cannot pick the caption's first event.
+It reads the UNet's own features, before any time features a :class:`~diffdpo.worlds.soundworld.components.PositionalCrossAttnProcessor`
+adds to the queries.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def _noised(pipe, audio: np.ndarray, timesteps, seed: int):
 
 
 @torch.no_grad()
-def caption_sensitivity(pipe, scenes: list[Scene], audio: np.ndarray, timesteps=(100, 300, 500, 700, 900),
+def caption_sensitivity(pipe, scenes: list[Scene], audio: np.ndarray, timesteps=(100, 300, 500, 700, 900, 990),
                         seed: int = 0, batch_size: int = 50) -> Sensitivity:
     """Errors of ``pipe`` on the sequence clips among ``scenes``/``audio``; one noise per (clip,
     timestep), shared by every caption of that clip."""
