@@ -138,7 +138,7 @@ def stage_clap(cfg: PretrainConfig, out: Path, log) -> dict:
 
 def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
     from diffdpo.worlds.soundworld.components import (build_scheduler, build_text_encoder, build_unet, build_vae,
-                                                      train_tokenizer)
+                                                      set_position_features, train_tokenizer)
     from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
     from diffdpo.worlds.soundworld.train import copy_ema, decode_latents, encode_mels, train_generator, train_vae
 
@@ -165,6 +165,8 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
         tokenizer = train_tokenizer(captions + phrases)
         text_encoder = build_text_encoder(len(tokenizer), cfg.arch)
         unet = build_unet(latents.shape[-1], cfg.arch)
+    if cfg.arch.query_time or cfg.arch.key_position:  # the order saddle's way out (docs/soundworld.md)
+        set_position_features(unet, cfg.arch.query_time, cfg.arch.key_position)
     v_rec = decode_latents(vae, encode_mels(vae, v_mels))
     vae_metrics["validation_logmel_l1"] = (v_rec - v_mels).abs().mean().item()
     vae_metrics.update(latent_shift=shift, latent_scale=scale)

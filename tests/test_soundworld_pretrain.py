@@ -64,6 +64,26 @@ def test_generator_from_scratch_then_continued(pretrain, tmp_path):
     assert not _same(base.unet, more.unet)
 
 
+def test_position_features_installed_by_the_recipe_and_kept_when_continued(pretrain, tmp_path):
+    from diffdpo.worlds.soundworld.components import position_features
+    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+
+    pretrain(tmp_path / "plain", "generator.steps=0")
+    plain = SoundWorldPipeline.from_pretrained(tmp_path / "plain" / "generator")
+    assert position_features(plain.unet) is None
+
+    pretrain(tmp_path / "featured", f"generator_init={tmp_path / 'plain' / 'generator'}", "generator.steps=0",
+             "arch.query_time=4", "arch.key_position=2")
+    featured = SoundWorldPipeline.from_pretrained(tmp_path / "featured" / "generator")
+    assert position_features(featured.unet) == {"query_time": 4.0, "key_position": 2.0}
+    assert _same(plain.unet, featured.unet)  # the features are fixed: no weights added
+
+    # continued without naming them, a featured generator keeps its features
+    pretrain(tmp_path / "kept", f"generator_init={tmp_path / 'featured' / 'generator'}", "generator.steps=0")
+    kept = SoundWorldPipeline.from_pretrained(tmp_path / "kept" / "generator")
+    assert position_features(kept.unet) == {"query_time": 4.0, "key_position": 2.0}
+
+
 def test_evaluate_stage_records_the_verdict_and_caption_sensitivity(recipe, tmp_path):
     import shutil
 

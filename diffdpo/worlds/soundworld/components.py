@@ -30,6 +30,11 @@ class GeneratorArch:
     unet_channels: tuple[int, ...] = field(default=(32, 64, 64), metadata={"help": "UNet block widths"})
     unet_layers_per_block: int = field(default=1, metadata={"help": "resnets per UNet block"})
     attention_head_dim: int = field(default=16, metadata={"help": "UNet attention head width"})
+    query_time: float = field(default=0.0, metadata={
+        "help": "strength of the fixed time feature on cross-attention queries (PositionalCrossAttnProcessor); "
+                "0 with key_position 0 = plain cross-attention, or whatever a continued generator has"})
+    key_position: float = field(default=0.0, metadata={
+        "help": "strength of the fixed token-position feature on the text keys (PositionalCrossAttnProcessor)"})
 
 
 def train_tokenizer(captions: list[str]):
