@@ -245,9 +245,14 @@ def test_position_features_round_trip_and_leave_self_attention_alone(pipe, tmp_p
     from diffdpo.worlds.soundworld.components import position_features, set_position_features
     from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
 
-    assert position_features(pipe.unet) is None
-    featured = copy.copy(pipe)
-    featured.unet = copy.deepcopy(pipe.unet)
+    def copy_of_pipe():
+        other = copy.copy(pipe)
+        other.unet = copy.deepcopy(pipe.unet)
+        return other
+
+    plain_pipe, featured = copy_of_pipe(), copy_of_pipe()
+    set_position_features(plain_pipe.unet, 0.0, 0.0)
+    assert position_features(plain_pipe.unet) is None
     assert set_position_features(featured.unet, 4.0, 2.0) == 7  # every cross-attention, no self-attention
     assert sum(isinstance(p, AttnProcessor2_0) for p in featured.unet.attn_processors.values()) == 7
     featured.save_pretrained(tmp_path / "featured")
@@ -257,7 +262,7 @@ def test_position_features_round_trip_and_leave_self_attention_alone(pipe, tmp_p
     assert position_features(again.unet) == {"query_time": 4.0, "key_position": 2.0}
     a = featured(["A dog barks, then a bell rings"], num_inference_steps=2, seed=3, output="latent")
     b = again(["A dog barks, then a bell rings"], num_inference_steps=2, seed=3, output="latent")
-    plain = pipe(["A dog barks, then a bell rings"], num_inference_steps=2, seed=3, output="latent")
+    plain = plain_pipe(["A dog barks, then a bell rings"], num_inference_steps=2, seed=3, output="latent")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert (a - plain).abs().max() > 1e-3
     set_position_features(again.unet, 0.0, 0.0)
