@@ -307,8 +307,9 @@ def test_sensitivity_table_by_hand():
 
 
 def test_caption_sensitivity_errors_by_hand(pipe, fresh):
-    """The reported errors are the UNet's denoising MSE at one shared noise per clip; the shipped
-    base reads which events a caption names (the replaced-event control)."""
+    """The reported errors are the UNet's denoising MSE (against its own prediction type's target)
+    at one shared noise per clip; the shipped base reads which events a caption names (the
+    replaced-event control)."""
     from diffusers import DDPMScheduler
 
     from diffdpo.worlds.soundworld.audio import log_mel
@@ -321,10 +322,13 @@ def test_caption_sensitivity_errors_by_hand(pipe, fresh):
     latents = pipe.mel_to_latents(log_mel(audio[picked], pipe.audio_config))
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
     steps = torch.full((len(picked),), 900)
-    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, steps)
+    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    noisy = ddpm.add_noise(latents, noise, steps)
+    # the target the model was trained on: the noise, or diffusers' velocity for a v-prediction model
+    target = noise if ddpm.config.prediction_type == "epsilon" else ddpm.get_velocity(latents, noise, steps)
     with torch.no_grad():
         states, mask = pipe.encode_text([scenes[i].caption for i in picked])
-        hand = (pipe.unet_forward(noisy, steps, states, mask) - noise).pow(2).mean(dim=(1, 2, 3))
+        hand = (pipe.unet_forward(noisy, steps, states, mask) - target).pow(2).mean(dim=(1, 2, 3))
     np.testing.assert_allclose(result.true_errors[0], hand.numpy(), rtol=1e-4)
     replaced = next(r for r in result.table() if r["variant"] == "replaced")
     assert replaced["true_better"] > 0.7 and replaced["relative_gap"] > 0.05
