@@ -10,16 +10,17 @@ true caption is compared with two edited captions at the same noisy input:
 
 A model whose conditioning carries order has a lower error with the true caption than with the
 reversed one more often than not; it shows most at the noisiest timestep (990), where a sample's
-layout is decided and only the caption can say which event comes first. Sampling and the oracle say *what* a model renders; this says
-whether the model tells the captions apart in the first place. If it does not because the text
-encoder gives both captions nearly the same states, Diffusion-DPO (which trains the UNet with the
-text encoder frozen) has almost nothing to learn order from.
+layout is decided and only the caption can say which event comes first. Sampling and the oracle
+say *what* a model renders; this says whether the model tells the captions apart in the first
+place. If it does not because the text encoder gives both captions nearly the same states,
+Diffusion-DPO (which trains the UNet with the text encoder frozen) has almost nothing to learn
+order from.
 
 The other half of reading order is on the audio side: :func:`query_time_probe` asks how well a
 linear probe reads a query token's position in time from what enters each cross-attention, since
 a query that does not know whether it is early or late cannot pick the caption's first event.
-It reads the UNet's own features, before any time features a :class:`~diffdpo.worlds.soundworld.components.PositionalCrossAttnProcessor`
-adds to the queries.
+It reads the UNet's own features, before any time features that
+:class:`~diffdpo.worlds.soundworld.components.PositionalCrossAttnProcessor` adds to the queries.
 """
 
 from __future__ import annotations
