@@ -10,7 +10,7 @@ import soundfile as sf
 
 from diffdpo.worlds.soundworld import (CLIP_SECONDS, EVENT_NAMES, OVERLAP, SAMPLE_RATE, SEQUENCE, SINGLE,
                                        compose_caption, make_clip, parse_caption, scene_from_caption)
-from diffdpo.worlds.soundworld.dataset import clip_seed, read_split, scene_of, write_split
+from diffdpo.worlds.soundworld.dataset import clip_seed, clips, read_split, scene_of, split_scenes, write_split
 from diffdpo.worlds.soundworld.events import synthesize
 
 SEEDS = [[7, 0, i] for i in range(60)]
@@ -128,6 +128,16 @@ def test_read_split_names_the_bad_record(tmp_path):
         read_split(p)
     with pytest.raises(ValueError, match="unknown split"):
         write_split(tmp_path, "dev", 1, 0)
+
+
+def test_split_scenes_are_the_rendered_clips_scenes_filtered_by_kind():
+    rendered, _ = clips(3, "train", 40)
+    assert split_scenes(3, "train", 40) == rendered
+    multi = split_scenes(3, "train", 12, [SEQUENCE, OVERLAP])
+    expected = [s for s in rendered if s.kind != SINGLE][:12]
+    assert len(expected) == 12 and multi == expected
+    with pytest.raises(ValueError, match=r"unknown scene kind\(s\) \['pair'\]"):
+        split_scenes(3, "train", 2, ["pair"])
 
 
 def test_recast_caption_swaps_events_and_keeps_the_template():

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from diffdpo.worlds.soundworld.events import SAMPLE_RATE
-from diffdpo.worlds.soundworld.scenes import Scene, TimelineEntry, make_clip
+from diffdpo.worlds.soundworld.scenes import KINDS, Scene, TimelineEntry, make_clip, sample_scene
 
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
@@ -41,6 +41,21 @@ def clips(seed: int, split: str, n: int, start: int = 0) -> tuple[list[Scene], n
     """Scenes and stacked audio ``[n, samples]`` of ``split``."""
     scenes, audio = zip(*iter_clips(seed, split, n, start)) if n else ((), ())
     return list(scenes), np.stack(audio) if n else np.zeros((0, 0), np.float32)
+
+
+def split_scenes(seed: int, split: str, n: int, kinds: list[str] | None = None) -> list[Scene]:
+    """The first ``n`` scenes of ``split`` whose kind is in ``kinds`` (all kinds if empty), without
+    rendering audio: clip ``i``'s scene is the first draw of its seed, as in :func:`make_clip`."""
+    unknown = sorted(set(kinds or ()) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown scene kind(s) {unknown}; expected some of {list(KINDS)}")
+    scenes, i = [], 0
+    while len(scenes) < n:
+        scene = sample_scene(np.random.default_rng(clip_seed(seed, split, i)))
+        if not kinds or scene.kind in kinds:
+            scenes.append(scene)
+        i += 1
+    return scenes
 
 
 def write_split(out: str | Path, split: str, n: int, seed: int, progress: bool = True) -> Path:

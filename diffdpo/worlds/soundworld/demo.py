@@ -77,6 +77,8 @@ class DemoConfig:
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
     base_model: str | None = field(default=None, metadata={"help": "Tango-layout folder (default: shipped weights)"})
     train_captions: int = field(default=96, metadata={"help": "SoundWorld training captions to build pairs from"})
+    train_kinds: list[str] = field(default_factory=list, metadata={
+        "help": "only training captions of these kinds (single, sequence, overlap); empty = the split's mix"})
     prefs: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_PREFS)),
                         metadata={"help": "diffdpo.prefs.build.BuildConfig fields"})
     dpo: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_DPO)),
@@ -101,10 +103,10 @@ def _cached(path: Path, settings: dict):
 
 def build_prefs(cfg: DemoConfig, out: Path) -> dict:
     from diffdpo.prefs.build import BuildConfig, build_preferences
-    from diffdpo.worlds.soundworld.dataset import clips
+    from diffdpo.worlds.soundworld.dataset import split_scenes
 
     root = out / "prefs"
-    scenes, _ = clips(cfg.data_seed, "train", cfg.train_captions)
+    scenes = split_scenes(cfg.data_seed, "train", cfg.train_captions, cfg.train_kinds)
     captions = out / "train_captions.txt"
     captions.write_text("".join(s.caption + "\n" for s in scenes))
     build = from_dict(BuildConfig, merge(cfg.prefs, {
