@@ -69,6 +69,20 @@ def test_drop_and_replace_change_exactly_one_event():
         assert replaced.connectors == original.connectors
 
 
+def test_add_event_appends_one_new_vocabulary_event():
+    caption = "A dog barks followed by a bell rings"
+    original = parse_caption(caption)
+    vocab = ["a dog barks", "an engine hums", "wind blows"]
+    connectors = set()
+    for seed in range(12):
+        added = parse_caption(Perturber(vocab, seed=seed).apply(caption, "add_event").caption)
+        assert added.events[:2] == original.events and added.connectors[:1] == original.connectors
+        assert added.events[2] in {"an engine hums", "wind blows"}  # never one the caption already has
+        connectors.add(added.connectors[1])
+    assert connectors == {"while", "followed by"}
+    assert Perturber(["a dog barks"]).apply("A dog barks", "add_event") is None
+
+
 @pytest.mark.parametrize("kind, caption", [
     ("drop_event", "A clock ticks"), ("swap_order", "A clock ticks"), ("change_relation", "A clock ticks"),
     ("swap_order", "Rain falls while a bell rings"),  # no order stated: nothing to reorder

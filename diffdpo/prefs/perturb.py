@@ -4,6 +4,9 @@ Kinds (each a function of a parsed caption and an RNG):
 
 * ``drop_event``      remove one event and its connector           (needs >= 2 events)
 * ``replace_event``   swap one event for a vocabulary phrase        (needs a vocabulary)
+* ``add_event``       append a vocabulary phrase, with or after the rest ("while" / "followed by"):
+                      a loser holding an event its caption does not name, the commonest failure
+                      of a good generator (a hallucinated background)
 * ``swap_order``      exchange two events joined by an ordered relation, reversing their order in time
 * ``change_relation`` "followed by"-like <-> "while"-like           (needs >= 2 events)
 
@@ -62,6 +65,16 @@ def _replace_event(p: ParsedCaption, rng: random.Random, vocabulary) -> tuple[Pa
     return p.with_parts(events, p.connectors), f"replaced {p.events[k]!r} with {new!r}"
 
 
+def _add_event(p: ParsedCaption, rng: random.Random, vocabulary) -> tuple[ParsedCaption, str] | None:
+    present = {e.lower() for e in p.events}
+    options = [v for v in vocabulary if v.lower() not in present]
+    if not options:
+        return None
+    new = rng.choice(options)
+    connector = rng.choice(("while", "followed by"))
+    return p.with_parts([*p.events, new], [*p.connectors, connector]), f"added {new!r} ({connector})"
+
+
 def _swap_order(p: ParsedCaption, rng: random.Random, vocabulary) -> tuple[ParsedCaption, str] | None:
     ordered = [i for i, kind in enumerate(p.kinds()) if kind in (SEQUENCE, REVERSE)]
     if not ordered:
@@ -88,6 +101,7 @@ def _change_relation(p: ParsedCaption, rng: random.Random, vocabulary) -> tuple[
 PERTURBATIONS: dict[str, Callable] = {
     "drop_event": _drop_event,
     "replace_event": _replace_event,
+    "add_event": _add_event,
     "swap_order": _swap_order,
     "change_relation": _change_relation,
 }
@@ -152,6 +166,7 @@ def _normalise(text: str) -> str:
 LLM_INSTRUCTIONS = {
     "drop_event": "Remove one of the sound events from the caption.",
     "replace_event": "Replace one of the sound events with a different sound event.",
+    "add_event": "Add one more sound event, heard at the same time as or after the others.",
     "swap_order": "Swap the order in time of two of the sound events.",
     "change_relation": "Change how two events relate in time (one after the other <-> at the same time).",
 }
