@@ -84,6 +84,35 @@ def test_oracle_scorer_ranks_by_the_oracles_verdict(fresh):
         scorer.score([scenes[0].caption], [audio[0]], 22050)
 
 
+def test_decoder_ceiling_judges_real_clips_through_each_path(oracle, fresh):
+    """A stand-in pipeline whose vocoder returns the real clip a mel came from, and whose VAE
+    swaps each mel for the next clip's: the ``vocoder`` path must be judged as the real clips
+    and the ``vae_vocoder`` path as the next clips, batch boundaries included."""
+    from diffdpo.worlds.soundworld.audio import AudioConfig, log_mel
+    from diffdpo.worlds.soundworld.evaluate import decoder_ceiling, judge
+
+    scenes, audio = fresh[0][:12], fresh[1][:12]
+    mels = log_mel(torch.as_tensor(audio), AudioConfig())
+
+    class Stand:
+        audio_config = AudioConfig()
+
+        def _index(self, mel):
+            return [int(torch.argmin(((mels - m) ** 2).flatten(1).sum(1))) for m in mel]
+
+        mel_to_latents = staticmethod(lambda mel: mel)
+
+        def latents_to_mel(self, latents):
+            return mels[[(i + 1) % len(mels) for i in self._index(latents)]]
+
+        def mel_to_audio(self, mel):
+            return torch.as_tensor(audio[self._index(mel)])
+
+    result = decoder_ceiling(Stand(), oracle, scenes, audio, batch_size=5)
+    assert result["vocoder"] == judge(scenes, oracle.detect(audio))
+    assert result["vae_vocoder"] == judge(scenes, oracle.detect(np.roll(audio, -1, axis=0)))
+
+
 def test_score_detection_by_hand():
     from diffdpo.worlds.soundworld.oracle import Detection, score_detection
     from diffdpo.worlds.soundworld.scenes import Scene
@@ -280,6 +309,15 @@ def test_cli_sample_then_detect(tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     result = json.loads(line)
     assert result["path"] == str(wav) and isinstance(result["order"], list)
+
+
+def test_cli_ceiling_reports_both_paths(capsys):
+    from diffdpo.cli import main
+
+    assert main(["soundworld", "ceiling", "--clips", "4"]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()[-2:]]
+    assert [l["path"] for l in lines] == ["vocoder", "vae_vocoder"] and all(l["clips"] == 4 for l in lines)
+    assert all(0.0 <= l["caption_satisfied"] <= 1.0 for l in lines)
 
 
 def test_edited_captions_reverse_and_replace_events():

@@ -3,6 +3,7 @@
     diffdpo soundworld make-data --out data/soundworld --train 2000 --validation 200 --test 200
     diffdpo soundworld sample --caption "A bell rings, then a dog barks" --out bell_dog.wav
     diffdpo soundworld detect clip.wav
+    diffdpo soundworld ceiling --clips 600   # real test clips through the model's VAE + vocoder, judged
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("detect", help="run the oracle on wav files: events present and their order")
     p.add_argument("wavs", nargs="+")
     p.set_defaults(_action=_detect)
+
+    p = sub.add_parser("ceiling", help="the oracle on real test clips passed through a model's vocoder, and its "
+                                       "VAE + vocoder: what a UNet (or DPO on it) can reach at best")
+    p.add_argument("--model", default=None, help="model folder (default: the shipped base model)")
+    p.add_argument("--clips", type=int, default=600, help="held-out test clips")
+    p.add_argument("--seed", type=int, default=0, help="SoundWorld data seed")
+    p.set_defaults(_action=_ceiling)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,4 +92,27 @@ def _detect(args: argparse.Namespace) -> int:
             raise SystemExit(f"{path}: sample rate {sr}, the oracle expects {oracle.audio_config.sample_rate}")
         det = oracle.detect([audio if audio.ndim == 1 else audio.mean(axis=1)])[0]
         print(json.dumps({"path": path, "events": list(det.events), "order": list(det.order)}))
+    return 0
+
+
+def _ceiling(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from diffdpo.worlds.soundworld.dataset import clips
+    from diffdpo.worlds.soundworld.evaluate import decoder_ceiling
+    from diffdpo.worlds.soundworld.oracle import Oracle
+    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+
+    scenes, audio = clips(args.seed, "test", args.clips)
+    result = decoder_ceiling(SoundWorldPipeline.from_pretrained(args.model), Oracle.from_pretrained(), scenes, audio)
+    for path, verdict in result.items():
+        rows = verdict["rows"]
+        extra = {}
+        for r in rows:
+            for event in set(r["detected"]) - set(r["events"]):
+                extra[event] = extra.get(event, 0) + 1
+        print(json.dumps({"path": path, "clips": len(rows),
+                          "caption_satisfied": float(np.mean([r["satisfied"] for r in rows])),
+                          "presence_f1": verdict["summary"]["all"]["presence_f1"]["mean"],
+                          "extra_events": dict(sorted(extra.items(), key=lambda kv: -kv[1]))}))
     return 0

@@ -77,6 +77,28 @@ def evaluate_generator(pipe, oracle: Oracle, captions: list[str], steps: int = 2
             "examples": verdict["rows"][:12]}
 
 
+def decoder_ceiling(pipe, oracle: Oracle, scenes: list[Scene], audio: np.ndarray, batch_size: int = 100) -> dict:
+    """The oracle on *real* clips rendered back through the generator's own output path:
+    ``vocoder`` (log-mel -> vocoder) and ``vae_vocoder`` (log-mel -> VAE encode/decode -> vocoder).
+
+    ``vae_vocoder`` is what a sampler that produced the real clips' latents would be judged:
+    a ceiling for anything that trains only the UNet (Diffusion-DPO included), since what the
+    decoder adds or loses no denoiser can take back.
+    """
+    import torch
+
+    from diffdpo.worlds.soundworld.audio import log_mel
+
+    paths = {"vocoder": [], "vae_vocoder": []}
+    for s in range(0, len(scenes), batch_size):
+        with torch.no_grad():
+            mel = log_mel(torch.as_tensor(audio[s:s + batch_size]), pipe.audio_config)
+            paths["vocoder"] += oracle.detect(np.asarray(pipe.mel_to_audio(mel)))
+            decoded = pipe.latents_to_mel(pipe.mel_to_latents(mel))
+            paths["vae_vocoder"] += oracle.detect(np.asarray(pipe.mel_to_audio(decoded)))
+    return {name: judge(scenes, detections) for name, detections in paths.items()}
+
+
 class OracleScorer:
     """The oracle as the preference builder's scorer (``scorer.kind:
     diffdpo.worlds.soundworld.evaluate:OracleScorer``): score = caption satisfied (0/1) + presence F1.
