@@ -44,7 +44,7 @@ DELTAS = (("dpo", "base"), ("dpo", "sft"), ("sft", "base"))
 
 # The demo's settings (recipes/configs/soundworld_demo.yaml says the same, with the reasons).
 DEFAULT_PREFS = {
-    "num_samples": 3, "shard_size": 16,
+    "num_samples": 4, "shard_size": 16,
     "generator": {"num_inference_steps": 10, "guidance_scale": 3.0, "batch_size": 64},
     "scorer": {"kind": "clap:soundworld"},
     "multi_sample": {"min_gap": 0.05},
@@ -54,7 +54,7 @@ DEFAULT_PREFS = {
 DEFAULT_DPO = {
     "loss": {"type": "sigmoid", "beta": 2000, "beta_convention": "tango2"},
     "reference": "copy",
-    "train": {"per_device_batch": 8, "max_steps": 120, "lr": 2e-5, "weight_decay": 0.0, "lr_scheduler": "constant"},
+    "train": {"per_device_batch": 8, "max_steps": 120, "lr": 5e-5, "weight_decay": 0.0, "lr_scheduler": "constant"},
 }
 
 
@@ -76,8 +76,8 @@ class DemoConfig:
     data_seed: int = field(default=0, metadata={"help": "SoundWorld data seed (train captions, test captions)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
     base_model: str | None = field(default=None, metadata={"help": "Tango-layout folder (default: shipped weights)"})
-    train_captions: int = field(default=96, metadata={"help": "SoundWorld training captions to build pairs from"})
-    train_kinds: list[str] = field(default_factory=list, metadata={
+    train_captions: int = field(default=192, metadata={"help": "SoundWorld training captions to build pairs from"})
+    train_kinds: list[str] = field(default_factory=lambda: ["sequence", "overlap"], metadata={
         "help": "only training captions of these kinds (single, sequence, overlap); empty = the split's mix"})
     prefs: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_PREFS)),
                         metadata={"help": "diffdpo.prefs.build.BuildConfig fields"})
