@@ -96,6 +96,8 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 def _ceiling(args: argparse.Namespace) -> int:
+    from collections import Counter
+
     import numpy as np
 
     from diffdpo.worlds.soundworld.dataset import clips
@@ -103,16 +105,15 @@ def _ceiling(args: argparse.Namespace) -> int:
     from diffdpo.worlds.soundworld.oracle import Oracle
     from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
 
+    if args.clips < 1:
+        raise SystemExit(f"--clips must be >= 1, got {args.clips}")
     scenes, audio = clips(args.seed, "test", args.clips)
     result = decoder_ceiling(SoundWorldPipeline.from_pretrained(args.model), Oracle.from_pretrained(), scenes, audio)
     for path, verdict in result.items():
         rows = verdict["rows"]
-        extra = {}
-        for r in rows:
-            for event in set(r["detected"]) - set(r["events"]):
-                extra[event] = extra.get(event, 0) + 1
+        extra = Counter(event for r in rows for event in set(r["detected"]) - set(r["events"]))
         print(json.dumps({"path": path, "clips": len(rows),
                           "caption_satisfied": float(np.mean([r["satisfied"] for r in rows])),
                           "presence_f1": verdict["summary"]["all"]["presence_f1"]["mean"],
-                          "extra_events": dict(sorted(extra.items(), key=lambda kv: -kv[1]))}))
+                          "extra_events": dict(extra.most_common())}))
     return 0
