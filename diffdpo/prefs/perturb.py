@@ -6,7 +6,7 @@ Kinds (each a function of a parsed caption and an RNG):
 * ``replace_event``   swap one event for a vocabulary phrase        (needs a vocabulary)
 * ``add_event``       append a vocabulary phrase, with or after the rest ("while" / "followed by"):
                       a loser holding an event its caption does not name, the commonest failure
-                      of a good generator (a hallucinated background)
+                      of the shipped SoundWorld base (docs/soundworld.md)
 * ``swap_order``      exchange two events joined by an ordered relation, reversing their order in time
 * ``change_relation`` "followed by"-like <-> "while"-like           (needs >= 2 events)
 
@@ -53,9 +53,14 @@ def _drop_event(p: ParsedCaption, rng: random.Random, vocabulary) -> tuple[Parse
     return p.with_parts(events, connectors), f"dropped {p.events[k]!r}"
 
 
-def _replace_event(p: ParsedCaption, rng: random.Random, vocabulary) -> tuple[ParsedCaption, str] | None:
+def _new_phrases(p: ParsedCaption, vocabulary) -> list[str]:
+    """Vocabulary phrases the caption does not already hold (compared as text, not as events)."""
     present = {e.lower() for e in p.events}
-    options = [v for v in vocabulary if v.lower() not in present]
+    return [v for v in vocabulary if v.lower() not in present]
+
+
+def _replace_event(p: ParsedCaption, rng: random.Random, vocabulary) -> tuple[ParsedCaption, str] | None:
+    options = _new_phrases(p, vocabulary)
     if not options:
         return None
     k = rng.randrange(len(p.events))
@@ -66,8 +71,7 @@ def _replace_event(p: ParsedCaption, rng: random.Random, vocabulary) -> tuple[Pa
 
 
 def _add_event(p: ParsedCaption, rng: random.Random, vocabulary) -> tuple[ParsedCaption, str] | None:
-    present = {e.lower() for e in p.events}
-    options = [v for v in vocabulary if v.lower() not in present]
+    options = _new_phrases(p, vocabulary)
     if not options:
         return None
     new = rng.choice(options)
