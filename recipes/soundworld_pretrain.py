@@ -7,6 +7,8 @@ Stages (run in this order; each can run alone, later ones load what earlier ones
   oracle     per-frame event detector (log-mel CNN), validated on held-out clips
   clap       the SoundWorld CLAP (contrastive audio/text), the proxy scorer
   generator  mel VAE, then UNet + T5 text encoder jointly (EMA weights ship) in the Tango layout
+  decoder    the generator's VAE decoder fine-tuned with its encoder frozen: better mels from the
+             same latent space, so the UNet is untouched (<output_dir>/generator, in place)
   evaluate   the base generator judged by the oracle on held-out captions, and whether its
              likelihood reads a caption's order (diffdpo.worlds.soundworld.sensitivity)
 ``generator_init=<a saved generator>`` continues training one (its tokenizer and VAE kept) instead
@@ -37,9 +39,9 @@ from diffdpo.worlds.soundworld.components import GeneratorArch
 from diffdpo.worlds.soundworld.dataset import clips
 from diffdpo.worlds.soundworld.events import EVENTS
 from diffdpo.worlds.soundworld.oracle import OracleArch, OracleTrainConfig
-from diffdpo.worlds.soundworld.train import GeneratorConfig, VAEConfig
+from diffdpo.worlds.soundworld.train import GeneratorConfig, LoopConfig, VAEConfig
 
-STAGES = ("oracle", "clap", "generator", "evaluate")
+STAGES = ("oracle", "clap", "generator", "decoder", "evaluate")
 
 
 @dataclass
@@ -48,6 +50,7 @@ class DataConfig:
     oracle_clips: int = field(default=6000, metadata={"help": "training clips for the oracle"})
     clap_clips: int = field(default=8000, metadata={"help": "training clips for the CLAP"})
     generator_clips: int = field(default=8000, metadata={"help": "training clips for VAE and generator"})
+    decoder_clips: int = field(default=6000, metadata={"help": "training clips for the decoder fine-tune"})
     validation_clips: int = field(default=600, metadata={"help": "held-out clips for oracle/CLAP/VAE numbers"})
 
 
@@ -79,6 +82,7 @@ class PretrainConfig:
     arch: GeneratorArch = field(default_factory=GeneratorArch)
     vae: VAEConfig = field(default_factory=VAEConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    decoder: LoopConfig = field(default_factory=lambda: LoopConfig(steps=2000, max_minutes=5, lr=3e-4, warmup=20))
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
@@ -198,6 +202,26 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
     return metrics
 
 
+def stage_decoder(cfg: PretrainConfig, out: Path, log) -> dict:
+    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.worlds.soundworld.train import decode_latents, encode_mels, train_decoder
+
+    pipe = SoundWorldPipeline.from_pretrained(out / "generator")
+    acfg = pipe.audio_config
+    _, _, mels = mels_of(cfg.data.seed, "train", cfg.data.decoder_clips, acfg)
+    _, _, v_mels = mels_of(cfg.data.seed, "validation", cfg.data.validation_clips, acfg)
+
+    def validation_l1() -> float:
+        return (decode_latents(pipe.vae, encode_mels(pipe.vae, v_mels)) - v_mels).abs().mean().item()
+
+    before = validation_l1()
+    metrics = train_decoder(pipe.vae, mels, cfg.decoder, seed=cfg.seed, log=log)
+    metrics.update(validation_logmel_l1_before=before, validation_logmel_l1=validation_l1())
+    print(f"decoder: {metrics}", flush=True)
+    pipe.vae.save_pretrained(out / "generator" / "vae")
+    return metrics
+
+
 def stage_evaluate(cfg: PretrainConfig, out: Path, log) -> dict:
     from diffdpo.worlds.soundworld.evaluate import evaluate_generator
     from diffdpo.worlds.soundworld.oracle import Oracle
@@ -239,10 +263,12 @@ def main(argv: list[str] | None = None) -> None:
         if stage == "generator":
             metrics = stage_generator(cfg, out, work, log)
         else:
-            metrics = {"oracle": stage_oracle, "clap": stage_clap, "evaluate": stage_evaluate}[stage](cfg, out, log)
+            metrics = {"oracle": stage_oracle, "clap": stage_clap, "decoder": stage_decoder,
+                       "evaluate": stage_evaluate}[stage](cfg, out, log)
         section = {"oracle": {"arch": cfg.oracle_arch, "train": cfg.oracle},
                    "clap": {"arch": cfg.clap_arch, "train": cfg.clap},
                    "generator": {"arch": cfg.arch, "vae": cfg.vae, "train": cfg.generator},
+                   "decoder": {"train": cfg.decoder},
                    "evaluate": {"eval": cfg.evaluate}}[stage]
         update_manifest(out, stage, {
             "command": command, "git_commit": git_commit(), "seed": cfg.seed, "data_seed": cfg.data.seed,

@@ -142,3 +142,34 @@ def test_generator_trains_toward_the_schedulers_target(prediction_type):
     target = noise if prediction_type == "epsilon" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
     assert metrics["final_loss_ema"] == pytest.approx(target.pow(2).mean().item(), rel=1e-5)
     assert scheduler.config.timestep_spacing == "trailing"
+
+
+def test_decoder_stage_trains_the_decoder_only(pretrain, recipe, tmp_path):
+    """The decoder stage changes the decoder and nothing else: encoder, latent statistics, UNet,
+    text encoder and the generator's manifest entry are exactly as the generator stage left them,
+    and the held-out reconstruction it records got better."""
+    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+
+    out = tmp_path / "weights"
+    generator_entry = pretrain(out, "generator.steps=1")
+    base = SoundWorldPipeline.from_pretrained(out / "generator")
+    recipe.main(["--config", str(ROOT / "recipes/configs/soundworld_pretrain.yaml"), "stages=[decoder]", "threads=1",
+                 f"output_dir={out}", f"work_dir={tmp_path / 'work'}", "data.decoder_clips=12",
+                 "data.validation_clips=4", "decoder.steps=10", "decoder.batch_size=4", "decoder.lr=3e-3",
+                 "decoder.warmup=1"])
+    manifest = json.loads((out / "MANIFEST.json").read_text())
+    assert manifest["generator"] == generator_entry
+    metrics = manifest["decoder"]["metrics"]
+    assert metrics["steps"] == 10 and metrics["stopped_by"] == "steps"
+    assert metrics["validation_logmel_l1"] < metrics["validation_logmel_l1_before"]
+
+    tuned = SoundWorldPipeline.from_pretrained(out / "generator")
+    before, after = base.vae.state_dict(), tuned.vae.state_dict()
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and decoder and sorted(encoder + decoder) == sorted(before)
+    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(not torch.equal(before[k], after[k]) for k in decoder)
+    for key in ("shift_factor", "scaling_factor"):
+        assert tuned.vae.config[key] == base.vae.config[key]
+    assert _same(base.unet, tuned.unet) and _same(base.text_encoder, tuned.text_encoder)

@@ -87,6 +87,41 @@ def train_vae(vae, mels: torch.Tensor, cfg: VAEConfig, seed: int = 0, log: Log =
     return {"steps": step, "minutes": (time.time() - t0) / 60}
 
 
+def train_decoder(vae, mels: torch.Tensor, cfg: LoopConfig, seed: int = 0, log: Log = _no_log) -> dict:
+    """Fine-tune only the decoder (``post_quant_conv`` + ``decoder``) to reconstruct ``mels`` from
+    the frozen encoder's posterior means (L1).
+
+    The encoder, and so the latent space a UNet was trained in, stays bit-for-bit as it was: the
+    new decoder drops in under an existing UNet (Stable Diffusion's ft-EMA / ft-MSE VAEs were made
+    the same way). Means, not samples, because a sampler hands the decoder the latents it was taught
+    to denoise toward, which are means.
+    """
+    latents = encode_mels(vae, mels)  # computed once, outside the graph: no gradient reaches the encoder
+    gen = torch.Generator().manual_seed(seed)
+    opt, sched = _optimizer([*vae.post_quant_conv.parameters(), *vae.decoder.parameters()], cfg)
+    vae.decoder.train()
+    t0, step, running = time.time(), 0, None
+    bar = tqdm(total=cfg.steps, desc="decoder")
+    for idx in _batches(len(mels), cfg.batch_size, gen):
+        if _stop(step, cfg.steps, t0, cfg.max_minutes):
+            break
+        l1 = (vae.decode(latents[idx]).sample[:, 0] - mels[idx]).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        l1.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        running = l1.item() if running is None else 0.98 * running + 0.02 * l1.item()
+        bar.update()
+        if step % 25 == 0:
+            bar.set_postfix(l1=f"{running:.3f}")
+            log(step, {"decoder/l1": running})
+    bar.close()
+    vae.eval()
+    return {"steps": step, "minutes": (time.time() - t0) / 60, "final_l1_ema": running,
+            "stopped_by": "steps" if step >= cfg.steps else "max_minutes"}
+
+
 @torch.no_grad()
 def encode_mels(vae, mels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Unscaled latent means ``[N, C, n_mels/2, frames/2]``."""
