@@ -218,7 +218,7 @@ def stage_decoder(cfg: PretrainConfig, out: Path, log) -> dict:
     metrics = train_decoder(pipe.vae, mels, cfg.decoder, seed=cfg.seed, log=log)
     metrics.update(validation_logmel_l1_before=before, validation_logmel_l1=validation_l1())
     print(f"decoder: {metrics}", flush=True)
-    pipe.vae.save_pretrained(out / "generator" / "vae")
+    pipe.save_pretrained(out / "generator")  # atomic; every other component as it was loaded
     return metrics
 
 

@@ -173,3 +173,4 @@ def test_decoder_stage_trains_the_decoder_only(pretrain, recipe, tmp_path):
     for key in ("shift_factor", "scaling_factor"):
         assert tuned.vae.config[key] == base.vae.config[key]
     assert _same(base.unet, tuned.unet) and _same(base.text_encoder, tuned.text_encoder)
+    assert "_name_or_path" not in json.loads((out / "generator" / "vae" / "config.json").read_text())
