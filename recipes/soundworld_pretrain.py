@@ -144,7 +144,8 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
     from diffdpo.worlds.soundworld.components import (build_scheduler, build_text_encoder, build_unet, build_vae,
                                                       set_position_features, train_tokenizer)
     from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
-    from diffdpo.worlds.soundworld.train import copy_ema, decode_latents, encode_mels, train_generator, train_vae
+    from diffdpo.worlds.soundworld.train import (copy_ema, encode_mels, reconstruction_l1, train_generator,
+                                                 train_vae)
 
     acfg = AudioConfig()
     scenes, _, mels = mels_of(cfg.data.seed, "train", cfg.data.generator_clips, acfg)
@@ -171,8 +172,7 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
         unet = build_unet(latents.shape[-1], cfg.arch)
     if cfg.arch.query_time or cfg.arch.key_position:  # the order saddle's way out (docs/soundworld.md)
         set_position_features(unet, cfg.arch.query_time, cfg.arch.key_position)
-    v_rec = decode_latents(vae, encode_mels(vae, v_mels))
-    vae_metrics["validation_logmel_l1"] = (v_rec - v_mels).abs().mean().item()
+    vae_metrics["validation_logmel_l1"] = reconstruction_l1(vae, v_mels)
     vae_metrics.update(latent_shift=shift, latent_scale=scale)
     print(f"vae: {vae_metrics}", flush=True)
     scheduler = build_scheduler(cfg.generator.prediction_type, cfg.generator.timestep_spacing)
@@ -204,19 +204,15 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
 
 def stage_decoder(cfg: PretrainConfig, out: Path, log) -> dict:
     from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
-    from diffdpo.worlds.soundworld.train import decode_latents, encode_mels, train_decoder
+    from diffdpo.worlds.soundworld.train import reconstruction_l1, train_decoder
 
     pipe = SoundWorldPipeline.from_pretrained(out / "generator")
     acfg = pipe.audio_config
     _, _, mels = mels_of(cfg.data.seed, "train", cfg.data.decoder_clips, acfg)
     _, _, v_mels = mels_of(cfg.data.seed, "validation", cfg.data.validation_clips, acfg)
-
-    def validation_l1() -> float:
-        return (decode_latents(pipe.vae, encode_mels(pipe.vae, v_mels)) - v_mels).abs().mean().item()
-
-    before = validation_l1()
+    before = reconstruction_l1(pipe.vae, v_mels)
     metrics = train_decoder(pipe.vae, mels, cfg.decoder, seed=cfg.seed, log=log)
-    metrics.update(validation_logmel_l1_before=before, validation_logmel_l1=validation_l1())
+    metrics.update(validation_logmel_l1_before=before, validation_logmel_l1=reconstruction_l1(pipe.vae, v_mels))
     print(f"decoder: {metrics}", flush=True)
     pipe.save_pretrained(out / "generator")  # atomic; every other component as it was loaded
     return metrics

@@ -129,6 +129,11 @@ def encode_mels(vae, mels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
                       for s in range(0, len(mels), batch_size)])
 
 
+def reconstruction_l1(vae, mels: torch.Tensor) -> float:
+    """Mean |decode(encode(mel)) - mel| through the posterior means: the VAE's held-out number."""
+    return (decode_latents(vae, encode_mels(vae, mels)) - mels).abs().mean().item()
+
+
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Unscaled latents -> ``[N, n_mels, frames]`` log-mels."""
