@@ -93,8 +93,8 @@ def train_decoder(vae, mels: torch.Tensor, cfg: LoopConfig, seed: int = 0, log: 
 
     The encoder, and so the latent space a UNet was trained in, stays bit-for-bit as it was: the
     new decoder drops in under an existing UNet (Stable Diffusion's ft-EMA / ft-MSE VAEs fine-tuned
-    only their decoder for the same reason). Means, not samples, because a sampler hands the decoder the latents it was taught
-    to denoise toward, which are means.
+    only their decoder for the same reason). Means, not samples, because a sampler hands the
+    decoder the latents it was taught to denoise toward, which are means.
     """
     latents = encode_mels(vae, mels)  # computed once, outside the graph: no gradient reaches the encoder
     gen = torch.Generator().manual_seed(seed)
