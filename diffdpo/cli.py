@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("diffdpo.diffusion.trainer", "Diffusion-DPO fine-tuning from a YAML config (= recipes/diffusion_dpo.py)"),
     "demo": ("diffdpo.worlds.soundworld.demo", "the main job: SoundWorld preference build -> Diffusion-DPO -> "
              "oracle evaluation -> report"),
+    "convert": ("diffdpo.commands.convert", "convert published checkpoint layouts (Tango / Tango 2) to the "
+                "toolkit's and back"),
     "smoke": ("diffdpo.commands.smoke", "end-to-end smoke run of the loss core on a synthetic preference task"),
 }
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from diffdpo.config import load_config
-from diffdpo.worlds.soundworld.audio import AudioConfig, log_mel
+from diffdpo.diffusion.tango.audio import AudioConfig, log_mel
 from diffdpo.worlds.soundworld.clap import ClapArch, ClapTrainConfig
 from diffdpo.worlds.soundworld.components import GeneratorArch
 from diffdpo.worlds.soundworld.dataset import clips
@@ -141,9 +141,9 @@ def stage_clap(cfg: PretrainConfig, out: Path, log) -> dict:
 
 
 def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
-    from diffdpo.worlds.soundworld.components import (build_scheduler, build_text_encoder, build_unet, build_vae,
-                                                      set_position_features, train_tokenizer)
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.worlds.soundworld.components import build_scheduler, build_text_encoder, build_unet, build_vae, train_tokenizer
+    from diffdpo.diffusion.tango.position import set_position_features
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
     from diffdpo.worlds.soundworld.train import (copy_ema, encode_mels, reconstruction_l1, train_generator,
                                                  train_vae)
 
@@ -154,7 +154,7 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
 
     torch.manual_seed(cfg.seed)
     if cfg.generator_init:
-        base = SoundWorldPipeline.from_pretrained(cfg.generator_init)
+        base = TangoPipeline.from_pretrained(cfg.generator_init)
         tokenizer, vae, text_encoder, unet = base.tokenizer, base.vae, base.text_encoder, base.unet
         shift, scale = float(vae.config.shift_factor), float(vae.config.scaling_factor)
         latents = encode_mels(vae, mels)
@@ -177,13 +177,13 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
     print(f"vae: {vae_metrics}", flush=True)
     scheduler = build_scheduler(cfg.generator.prediction_type, cfg.generator.timestep_spacing)
 
-    def pipeline_with(ema_unet, ema_text) -> SoundWorldPipeline:
+    def pipeline_with(ema_unet, ema_text) -> TangoPipeline:
         import copy
 
         u, t = copy.deepcopy(unet), copy.deepcopy(text_encoder)
         copy_ema(ema_unet, u)
         copy_ema(ema_text, t)
-        return SoundWorldPipeline(tokenizer, t.eval(), vae, u.eval(), scheduler, acfg)
+        return TangoPipeline(tokenizer, t.eval(), vae, u.eval(), scheduler, acfg)
 
     def snapshot(step: int, ema_unet, ema_text) -> None:
         pipeline_with(ema_unet, ema_text).save_pretrained(work / "generator_snapshot")
@@ -203,10 +203,10 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
 
 
 def stage_decoder(cfg: PretrainConfig, out: Path, log) -> dict:
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
     from diffdpo.worlds.soundworld.train import reconstruction_l1, train_decoder
 
-    pipe = SoundWorldPipeline.from_pretrained(out / "generator")
+    pipe = TangoPipeline.from_pretrained(out / "generator")
     acfg = pipe.audio_config
     _, _, mels = mels_of(cfg.data.seed, "train", cfg.data.decoder_clips, acfg)
     _, _, v_mels = mels_of(cfg.data.seed, "validation", cfg.data.validation_clips, acfg)
@@ -221,10 +221,10 @@ def stage_decoder(cfg: PretrainConfig, out: Path, log) -> dict:
 def stage_evaluate(cfg: PretrainConfig, out: Path, log) -> dict:
     from diffdpo.worlds.soundworld.evaluate import evaluate_generator
     from diffdpo.worlds.soundworld.oracle import Oracle
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
     from diffdpo.worlds.soundworld.sensitivity import caption_sensitivity
 
-    pipe = SoundWorldPipeline.from_pretrained(out / "generator")
+    pipe = TangoPipeline.from_pretrained(out / "generator")
     oracle = Oracle.from_pretrained(out / "oracle")
     ev = cfg.evaluate
     scenes, audio = clips(cfg.data.seed, "test", max(ev.captions, ev.sensitivity_clips))  # synthesised once

@@ -36,9 +36,9 @@ def _load_checkpoint(base_dir: str, checkpoint: Path):
     from safetensors.torch import load_file
 
     from diffdpo.diffusion.trainer import load_trainable_state
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
-    pipe = SoundWorldPipeline.from_pretrained(base_dir)
+    pipe = TangoPipeline.from_pretrained(base_dir)
     load_trainable_state(pipe.unet, load_file(checkpoint / "trainable.safetensors"))
     return pipe
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffdpo.worlds.soundworld.dataset import clips
     from diffdpo.worlds.soundworld.demo import _model_dir
     from diffdpo.worlds.soundworld.oracle import Oracle
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=None)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     scenes, _ = clips(demo.data_seed, "test", ev.captions)
     oracle, clap = Oracle.from_pretrained(), SoundWorldClap()
     base_dir = _model_dir(demo, demo_dir, "base")
-    base = evaluate_pipeline(lambda: SoundWorldPipeline.from_pretrained(base_dir),
+    base = evaluate_pipeline(lambda: TangoPipeline.from_pretrained(base_dir),
                              (out / f"base_eval{tag}") if tag else demo_dir / "eval" / "base",
                              scenes, oracle, clap, ev, "base", base_dir)
     table = []

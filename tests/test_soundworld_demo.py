@@ -101,10 +101,10 @@ def test_sft_baseline_trains_on_winners_only(demo):
 def test_rerun_resumes_without_redoing_stages(demo, monkeypatch):
     """Finished stages are read back, not recomputed: generation would fail here if called."""
     from diffdpo.worlds.soundworld import demo as demo_module
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
     cfg, results = demo
-    monkeypatch.setattr(SoundWorldPipeline, "sample_latents",
+    monkeypatch.setattr(TangoPipeline, "sample_latents",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
     again = demo_module.run_demo(cfg)
     assert again["table"] == results["table"]

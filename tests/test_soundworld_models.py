@@ -88,7 +88,7 @@ def test_decoder_ceiling_judges_real_clips_through_each_path(oracle, fresh):
     """A stand-in pipeline whose vocoder returns the real clip a mel came from, and whose VAE
     swaps each mel for the next clip's: the ``vocoder`` path must be judged as the real clips
     and the ``vae_vocoder`` path as the next clips, batch boundaries included."""
-    from diffdpo.worlds.soundworld.audio import AudioConfig, log_mel
+    from diffdpo.diffusion.tango.audio import AudioConfig, log_mel
     from diffdpo.worlds.soundworld.evaluate import decoder_ceiling, judge
 
     scenes, audio = fresh[0][:12], fresh[1][:12]
@@ -184,9 +184,10 @@ def test_clap_prefers_the_right_caption(clap, fresh):
 
 @pytest.fixture(scope="module")
 def pipe():
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
+    from diffdpo.worlds.soundworld import BASE_MODEL_DIR
 
-    return SoundWorldPipeline.from_pretrained()
+    return TangoPipeline.from_pretrained(BASE_MODEL_DIR)
 
 
 def test_shipped_generator_has_the_layout_and_samples(pipe):
@@ -205,10 +206,10 @@ def test_shipped_generator_has_the_layout_and_samples(pipe):
 
 
 def test_pipeline_round_trips_through_save_pretrained(pipe, tmp_path):
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
     pipe.save_pretrained(tmp_path / "copy")
-    again = SoundWorldPipeline.from_pretrained(tmp_path / "copy")
+    again = TangoPipeline.from_pretrained(tmp_path / "copy")
     a = pipe(["A siren wails"], num_inference_steps=2, seed=1, output="latent")
     b = again(["A siren wails"], num_inference_steps=2, seed=1, output="latent")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -220,10 +221,10 @@ def test_pipeline_round_trips_through_save_pretrained(pipe, tmp_path):
 def test_missing_model_folder_says_what_is_missing(tmp_path):
     from diffdpo.worlds.soundworld.clap import SoundWorldClap
     from diffdpo.worlds.soundworld.oracle import Oracle
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
     with pytest.raises(FileNotFoundError, match="missing"):
-        SoundWorldPipeline.from_pretrained(tmp_path)
+        TangoPipeline.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="no oracle"):
         Oracle.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="no SoundWorld CLAP"):
@@ -231,7 +232,7 @@ def test_missing_model_folder_says_what_is_missing(tmp_path):
 
 
 def test_time_ramp_channel():
-    from diffdpo.worlds.soundworld.components import with_time_ramp
+    from diffdpo.diffusion.tango.position import with_time_ramp
 
     x = torch.zeros(2, 4, 3, 5)
     y = with_time_ramp(x, 5)
@@ -248,7 +249,7 @@ def test_position_features_by_hand():
     by hand on those shifted inputs, one head."""
     from diffusers.models.attention_processor import Attention
 
-    from diffdpo.worlds.soundworld.components import PositionalCrossAttnProcessor
+    from diffdpo.diffusion.tango.position import PositionalCrossAttnProcessor
 
     torch.manual_seed(0)
     attn = Attention(query_dim=6, cross_attention_dim=5, heads=1, dim_head=6).eval()
@@ -271,8 +272,8 @@ def test_position_features_round_trip_and_leave_self_attention_alone(pipe, tmp_p
 
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from diffdpo.worlds.soundworld.components import position_features, set_position_features
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.position import position_features, set_position_features
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
     def copy_of_pipe():
         other = copy.copy(pipe)
@@ -287,7 +288,7 @@ def test_position_features_round_trip_and_leave_self_attention_alone(pipe, tmp_p
     featured.save_pretrained(tmp_path / "featured")
     index = json.loads((tmp_path / "featured" / "model_index.json").read_text())
     assert index["position_features"] == {"query_time": 4.0, "key_position": 2.0}
-    again = SoundWorldPipeline.from_pretrained(tmp_path / "featured")
+    again = TangoPipeline.from_pretrained(tmp_path / "featured")
     assert position_features(again.unet) == {"query_time": 4.0, "key_position": 2.0}
     a = featured(["A dog barks, then a bell rings"], num_inference_steps=2, seed=3, output="latent")
     b = again(["A dog barks, then a bell rings"], num_inference_steps=2, seed=3, output="latent")
@@ -350,7 +351,7 @@ def test_caption_sensitivity_errors_by_hand(pipe, fresh):
     replaced-event control)."""
     from diffusers import DDPMScheduler
 
-    from diffdpo.worlds.soundworld.audio import log_mel
+    from diffdpo.diffusion.tango.audio import log_mel
     from diffdpo.worlds.soundworld.sensitivity import caption_sensitivity
 
     scenes, audio = fresh
@@ -398,7 +399,7 @@ def test_query_time_probe_reads_what_enters_each_cross_attention(pipe, fresh):
     """One row per cross-attention layer and timestep (in the order the forward pass reaches them),
     on the layer's own grid; the probe is fitted to the tokens that enter attn2 (checked against a
     hand capture and fit), and the hooks are removed."""
-    from diffdpo.worlds.soundworld.audio import log_mel
+    from diffdpo.diffusion.tango.audio import log_mel
     from diffdpo.worlds.soundworld.sensitivity import linear_probe, query_time_probe
 
     scenes, audio = fresh

@@ -41,46 +41,46 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_generator_from_scratch_then_continued(pretrain, tmp_path):
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
     first = pretrain(tmp_path / "first", "generator.steps=2")
     assert first["metrics"]["generator"]["steps"] == 2 and "continued_from" not in first["metrics"]
-    base = SoundWorldPipeline.from_pretrained(tmp_path / "first" / "generator")
+    base = TangoPipeline.from_pretrained(tmp_path / "first" / "generator")
 
     # zero further steps: the EMA copy that ships is the starting point itself
     kept = pretrain(tmp_path / "kept", f"generator_init={tmp_path / 'first' / 'generator'}", "generator.steps=0")
     assert kept["metrics"]["continued_from"] == first
     assert kept["metrics"]["vae"]["kept_from"] == str(tmp_path / "first" / "generator")
-    again = SoundWorldPipeline.from_pretrained(tmp_path / "kept" / "generator")
+    again = TangoPipeline.from_pretrained(tmp_path / "kept" / "generator")
     for name in ("vae", "unet", "text_encoder"):
         assert _same(getattr(base, name), getattr(again, name)), name
     assert again.tokenizer.get_vocab() == base.tokenizer.get_vocab()
 
     # two further steps: the VAE and tokenizer are still the starting point's, the UNet moved
     pretrain(tmp_path / "more", f"generator_init={tmp_path / 'first' / 'generator'}", "generator.steps=2")
-    more = SoundWorldPipeline.from_pretrained(tmp_path / "more" / "generator")
+    more = TangoPipeline.from_pretrained(tmp_path / "more" / "generator")
     assert _same(base.vae, more.vae)
     assert more.tokenizer.get_vocab() == base.tokenizer.get_vocab()
     assert not _same(base.unet, more.unet)
 
 
 def test_position_features_installed_by_the_recipe_and_kept_when_continued(pretrain, tmp_path):
-    from diffdpo.worlds.soundworld.components import position_features
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.position import position_features
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
     pretrain(tmp_path / "plain", "generator.steps=0")
-    plain = SoundWorldPipeline.from_pretrained(tmp_path / "plain" / "generator")
+    plain = TangoPipeline.from_pretrained(tmp_path / "plain" / "generator")
     assert position_features(plain.unet) is None
 
     pretrain(tmp_path / "featured", f"generator_init={tmp_path / 'plain' / 'generator'}", "generator.steps=0",
              "arch.query_time=4", "arch.key_position=2")
-    featured = SoundWorldPipeline.from_pretrained(tmp_path / "featured" / "generator")
+    featured = TangoPipeline.from_pretrained(tmp_path / "featured" / "generator")
     assert position_features(featured.unet) == {"query_time": 4.0, "key_position": 2.0}
     assert _same(plain.unet, featured.unet)  # the features are fixed: no weights added
 
     # continued without naming them, a featured generator keeps its features
     pretrain(tmp_path / "kept", f"generator_init={tmp_path / 'featured' / 'generator'}", "generator.steps=0")
-    kept = SoundWorldPipeline.from_pretrained(tmp_path / "kept" / "generator")
+    kept = TangoPipeline.from_pretrained(tmp_path / "kept" / "generator")
     assert position_features(kept.unet) == {"query_time": 4.0, "key_position": 2.0}
 
 
@@ -148,11 +148,11 @@ def test_decoder_stage_trains_the_decoder_only(pretrain, recipe, tmp_path):
     """The decoder stage changes the decoder and nothing else: encoder, latent statistics, UNet,
     text encoder and the generator's manifest entry are exactly as the generator stage left them,
     and the held-out reconstruction it records got better."""
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
     out = tmp_path / "weights"
     generator_entry = pretrain(out, "generator.steps=1")
-    base = SoundWorldPipeline.from_pretrained(out / "generator")
+    base = TangoPipeline.from_pretrained(out / "generator")
     recipe.main(["--config", str(ROOT / "recipes/configs/soundworld_pretrain.yaml"), "stages=[decoder]", "threads=1",
                  f"output_dir={out}", f"work_dir={tmp_path / 'work'}", "data.decoder_clips=12",
                  "data.validation_clips=4", "decoder.steps=10", "decoder.batch_size=4", "decoder.lr=3e-3",
@@ -163,7 +163,7 @@ def test_decoder_stage_trains_the_decoder_only(pretrain, recipe, tmp_path):
     assert metrics["steps"] == 10 and metrics["stopped_by"] == "steps"
     assert metrics["validation_logmel_l1"] < metrics["validation_logmel_l1_before"]
 
-    tuned = SoundWorldPipeline.from_pretrained(out / "generator")
+    tuned = TangoPipeline.from_pretrained(out / "generator")
     before, after = base.vae.state_dict(), tuned.vae.state_dict()
     encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]

@@ -3,8 +3,9 @@
 A :class:`Backbone` knows, for its family, how to turn a prompt into the UNet's condition, media
 (image or audio file) into VAE latents, call the UNet, sample, and save. Families:
 
-* ``tango``     — a Tango-shaped folder (docs/model_layout.md; the SoundWorld base model), loaded
-  by :class:`diffdpo.worlds.soundworld.pipeline.SoundWorldPipeline`.
+* ``tango``     — Tango / Tango 2 (their published checkpoint folders as they are, or converted)
+  and any folder in docs/model_layout.md's layout (the SoundWorld base model), loaded by
+  :class:`diffdpo.diffusion.tango.TangoPipeline`.
 * ``audioldm``  — diffusers ``AudioLDMPipeline`` (CLAP text embedding as UNet class label).
 * ``audioldm2`` — diffusers ``AudioLDM2Pipeline`` (GPT-2 generated + T5 states, two cross-attentions).
 * ``sd15``      — diffusers ``StableDiffusionPipeline``.
@@ -17,39 +18,15 @@ only the UNet trains. Latents use the VAE posterior *mean* so that cached latent
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from diffdpo.diffusion.hub import OfflineModelError, from_pretrained
+
 FAMILIES = ("tango", "audioldm", "audioldm2", "sd15", "sdxl")
-
-
-class OfflineModelError(FileNotFoundError):
-    """A hub model is not available locally and the hub cannot be reached."""
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def load_pipeline(cls, name_or_path: str, **kwargs):
-    """``cls.from_pretrained`` for a local folder or a hub id; offline without a local copy it
-    fails at once, saying what to download and where to point the config."""
-    if Path(name_or_path).is_dir():
-        return cls.from_pretrained(name_or_path, **kwargs)
-    try:
-        return cls.from_pretrained(name_or_path, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as err:
-        if _offline():
-            raise OfflineModelError(
-                f"model {name_or_path!r} is neither a local folder nor in the Hugging Face cache, and the hub is "
-                f"offline (HF_HUB_OFFLINE=1). Download it on a connected machine with\n"
-                f"    huggingface-cli download {name_or_path} --local-dir models/{name_or_path.split('/')[-1]}\n"
-                f"copy that folder here and set model.name_or_path=models/{name_or_path.split('/')[-1]}") from err
-    return cls.from_pretrained(name_or_path, **kwargs)
 
 
 class Backbone:
@@ -191,7 +168,7 @@ class AudioLDM2Backbone(AudioLDMBackbone):
 
 
 class TangoBackbone(Backbone):
-    """A Tango-shaped folder: T5 states + mask, log-mel VAE, optional time-ramp UNet channel."""
+    """A Tango-shaped model: T5 states + mask, log-mel VAE, optional time-ramp UNet channel."""
 
     family, media = "tango", "audio"
 
@@ -212,14 +189,22 @@ class TangoBackbone(Backbone):
                 "encoder_attention_mask": cond["encoder_attention_mask"]}
 
     def predict(self, unet, noisy, timesteps, cond):
-        from diffdpo.worlds.soundworld.components import with_time_ramp
+        from diffdpo.diffusion.tango.position import with_time_ramp
 
         in_channels = getattr(unet, "module", unet).config.in_channels  # DDP-wrapped or not
         return unet(with_time_ramp(noisy, in_channels), timesteps, **self.unet_kwargs(cond)).sample
 
+    def _load_audio(self, path: Path) -> Tensor:
+        from diffdpo.diffusion.tango.audio import prepare_waveform
+
+        return prepare_waveform(load_audio(path, self.sample_rate), self.pipe.audio_config)
+
     @torch.no_grad()
     def media_to_latents(self, media: Tensor) -> Tensor:
-        return self.pipe.audio_to_latents(media.float())
+        from diffdpo.diffusion.tango.audio import log_mel
+
+        mel = log_mel(media.float().cpu(), self.pipe.audio_config, prepared=True)
+        return self.pipe.mel_to_latents(mel.to(self.vae.device))
 
     @torch.no_grad()
     def sample(self, prompts, num_inference_steps, guidance_scale, seed):
@@ -228,17 +213,18 @@ class TangoBackbone(Backbone):
 
 
 def load_backbone(family: str, name_or_path: str, resolution: int = 512, audio_seconds: float = 10.0) -> Backbone:
-    """Load a family's pipeline from a local folder or hub id (see :func:`load_pipeline`)."""
+    """Load a family's pipeline from a local folder or hub id (see :func:`diffdpo.diffusion.hub.from_pretrained`)."""
     if family not in FAMILIES:
         raise ValueError(f"model.family: unknown {family!r}; valid: {list(FAMILIES)}")
     if family == "tango":
-        from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+        from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
         if not Path(name_or_path).is_dir():
             raise OfflineModelError(
-                f"model {name_or_path!r}: the tango family loads a local folder in the layout of "
-                "docs/model_layout.md (e.g. the SoundWorld base model, or a Tango checkpoint converted to it)")
-        return TangoBackbone(SoundWorldPipeline.from_pretrained(name_or_path), resolution, audio_seconds)
+                f"model {name_or_path!r}: the tango family loads a local folder: a Tango / Tango 2 checkpoint as "
+                "published (huggingface-cli download declare-lab/tango2-full --local-dir models/tango2-full), or "
+                "one in docs/model_layout.md's layout (e.g. the SoundWorld base model)")
+        return TangoBackbone(TangoPipeline.from_pretrained(name_or_path), resolution, audio_seconds)
     import diffusers
 
     cls_name, backbone = {
@@ -248,7 +234,7 @@ def load_backbone(family: str, name_or_path: str, resolution: int = 512, audio_s
         "audioldm2": ("AudioLDM2Pipeline", AudioLDM2Backbone),
     }[family]
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
-    pipe = load_pipeline(getattr(diffusers, cls_name), name_or_path, **kwargs)
+    pipe = from_pretrained(getattr(diffusers, cls_name), name_or_path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return backbone(pipe, resolution, audio_seconds)
 
@@ -272,8 +258,9 @@ def load_image(path: Path | bytes, resolution: int) -> Tensor:
         return TF.to_tensor(im) * 2 - 1
 
 
-def load_audio(path: Path | bytes, sample_rate: int, samples: int) -> Tensor:
-    """Mono float32 waveform at ``sample_rate`` (stereo averaged, resampled), cropped/zero-padded."""
+def load_audio(path: Path | bytes, sample_rate: int, samples: int | None = None) -> Tensor:
+    """Mono float32 waveform at ``sample_rate`` (stereo averaged, resampled), cropped/zero-padded
+    to ``samples`` (None: as long as the file)."""
     import soundfile as sf
     import torchaudio.functional as AF
 
@@ -281,7 +268,7 @@ def load_audio(path: Path | bytes, sample_rate: int, samples: int) -> Tensor:
     wave = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1)))
     if sr != sample_rate:
         wave = AF.resample(wave, sr, sample_rate)
-    if wave.numel() >= samples:
+    if samples is None or wave.numel() >= samples:
         return wave[:samples]
     return torch.nn.functional.pad(wave, (0, samples - wave.numel()))
 

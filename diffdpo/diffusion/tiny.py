@@ -186,16 +186,84 @@ def _audioldm2(path: Path) -> None:
 
 
 def _tango(path: Path) -> None:
-    from diffdpo.worlds.soundworld.audio import AudioConfig
-    from diffdpo.worlds.soundworld.components import (GeneratorArch, build_scheduler, build_text_encoder, build_unet,
-                                                      build_vae, train_tokenizer)
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    """A SoundWorld-shaped folder of docs/model_layout.md: Griffin-Lim, VAE reading mels mel-first,
+    a UNet with the time-ramp channel."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from diffdpo.diffusion.tango.audio import AudioConfig
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
     audio = AudioConfig(sample_rate=8000, n_fft=256, hop_length=250, win_length=256, n_mels=16, f_max=4000.0,
                         clip_seconds=0.5, griffin_lim_iters=4)
-    arch = GeneratorArch(text_width=16, text_layers=1, text_heads=2, vae_channels=(8, 16), unet_channels=(16, 32),
-                         attention_head_dim=8)
-    words = "a dog barks bell rings siren wails rain falls clock ticks bird sings engine hums knock then while"
-    tok = train_tokenizer([words])
-    SoundWorldPipeline(tok, build_text_encoder(len(tok), arch), build_vae(audio.n_mels, arch),
-                       build_unet(audio.n_mels // 2, arch), build_scheduler(), audio).save_pretrained(path)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, sample_size=16, mid_block_add_attention=False, force_upcast=False)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=5, out_channels=4, block_out_channels=(16, 32),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
+    TangoPipeline(_t5_tokenizer(), _t5_encoder(), vae, unet, _ddpm(), audio).save_pretrained(path)
+
+
+def _t5_encoder(width: int = 16):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=64, d_model=width, d_ff=2 * width, d_kv=8, num_layers=1, num_heads=2,
+                                   feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+                                   eos_token_id=1))
+
+
+TINY_TANGO_STFT = {"filter_length": 256, "hop_length": 160, "win_length": 256, "n_mel_channels": 16,
+                   "sampling_rate": 16000, "mel_fmin": 0, "mel_fmax": 8000}
+TINY_TANGO_VAE = {"image_key": "fbank", "subband": 1, "embed_dim": 8, "time_shuffle": 1, "scale_factor": 0.9,
+                  "ddconfig": {"double_z": True, "z_channels": 8, "resolution": 256, "downsample_time": False,
+                               "in_channels": 1, "out_ch": 1, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 2,
+                               "attn_resolutions": [], "dropout": 0.0}}
+
+
+def text_encoder_folder(path: str | Path) -> Path:
+    """What a text-encoder hub folder gives a Tango checkpoint (config + tokenizer, no weights: those
+    are in ``pytorch_model_main.bin``), for the tiny T5 :func:`tango_checkpoint` holds."""
+    path = Path(path)
+    _t5_encoder().config.save_pretrained(path)
+    _t5_tokenizer().save_pretrained(path)
+    return path
+
+
+def tango_checkpoint(path: str | Path, text_encoder_name: str = "google/flan-t5-large", seed: int = 0) -> Path:
+    """A checkpoint folder in Tango's own published layout (the six files with their real key names
+    and config schemas, every width shrunk; ``configs/diffusion_model_config.json`` beside them, as
+    the published UNet config is full size): what ``declare-lab/tango2`` looks like, in a few MB.
+
+    ``main_config.json`` names ``text_encoder_name`` for the tokenizer and T5 config (by default
+    the real FLAN-T5 id: tests put :func:`text_encoder_folder` in a Hugging Face cache under it)."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    from diffdpo.diffusion.tango import checkpoint
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    main = {"text_encoder_name": text_encoder_name, "scheduler_name": checkpoint.SD21, "unet_model_name": None,
+            "unet_model_config_path": checkpoint.TANGO_UNET_CONFIG_PATH, "snr_gamma": 5.0}
+    published = json.loads((checkpoint.PUBLISHED / "tango_unet_config.json").read_text())
+    unet_config = {**published, "block_out_channels": [32, 64], "attention_head_dim": [4, 8], "layers_per_block": 1,
+                   "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                   "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 16,
+                   "norm_num_groups": 8}
+    hifigan = json.loads((checkpoint.PUBLISHED / "tango_hifigan_config.json").read_text())
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**{**hifigan, "model_in_dim": TINY_TANGO_STFT["n_mel_channels"],
+                                                       "upsample_initial_channel": 32}))
+    pipe = TangoPipeline(_t5_tokenizer(), _t5_encoder(),
+                         AutoencoderKL(**checkpoint.vae_config(TINY_TANGO_VAE, path)),
+                         UNet2DConditionModel.from_config(unet_config), checkpoint.load_scheduler(main),
+                         checkpoint.audio_config(TINY_TANGO_STFT, path), vocoder.eval(),
+                         {"layout": "tango", "main_config": main, "vae_config": TINY_TANGO_VAE,
+                          "stft_config": TINY_TANGO_STFT})
+    checkpoint.save_tango_checkpoint(pipe, path)
+    (path / "configs").mkdir()
+    (path / checkpoint.TANGO_UNET_CONFIG_PATH).write_text(json.dumps(unet_config, indent=2))
+    return path

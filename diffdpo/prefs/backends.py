@@ -52,16 +52,17 @@ def _import(path: str):
 
 
 class TangoLayoutGenerator:
-    """The SoundWorld model, or any folder in the Tango-shaped layout."""
+    """A Tango / Tango 2 checkpoint folder as published, or any folder in docs/model_layout.md's layout."""
 
     media = "audio"
 
     def __init__(self, path: str | None, num_inference_steps: int, guidance_scale: float, batch_size: int):
+        from diffdpo.diffusion.tango.pipeline import TangoPipeline
         from diffdpo.metrics.fingerprint import sha256_dir
-        from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline, default_model_dir
 
-        path = path or str(default_model_dir())
-        self.pipe = SoundWorldPipeline.from_pretrained(path)
+        if not path:
+            raise ValueError("generator.path: the tango generator needs a local model folder")
+        self.pipe = TangoPipeline.from_pretrained(path)
         self.steps, self.guidance, self.batch_size = num_inference_steps, guidance_scale, batch_size
         self.sample_rate = int(self.pipe.audio_config.sample_rate)
         self.id = {"kind": "tango-layout", "path": path, "hash": sha256_dir(path)}
@@ -134,11 +135,17 @@ class ClipScorer:
         return np.concatenate(out)
 
 
+# Generators of the worlds built on this layer, named lazily so that nothing here imports them.
+WORLD_GENERATORS = {"soundworld": "diffdpo.worlds.soundworld:base_generator"}
+
+
 def make_generator(config) -> Any:
     kind = config.kind
     if ":" in kind:
         return _import(kind)(config)
-    if kind in ("soundworld", "tango"):
+    if kind in WORLD_GENERATORS:
+        return _import(WORLD_GENERATORS[kind])(config)
+    if kind == "tango":
         return TangoLayoutGenerator(config.path, config.num_inference_steps, config.guidance_scale, config.batch_size)
     if kind in ("audioldm", "audioldm2", "sd15", "sdxl"):
         if not config.path:

@@ -4,7 +4,8 @@ Eight procedural sound events, AudioCaps-style captions with temporal relations 
 timelines (:mod:`.scenes`), log-mel features (:mod:`.audio`), dataset splits (:mod:`.dataset`),
 and the shipped models under ``weights/``: an event-detecting oracle (:mod:`.oracle`), a small
 CLAP used as the proxy scorer (:mod:`.clap`, CLAP backend ``"soundworld"``) and a Tango-shaped
-base generator (:mod:`.pipeline`). See docs/soundworld.md.
+base generator (``BASE_MODEL_DIR``, run by :class:`diffdpo.diffusion.tango.TangoPipeline`; preference
+generator ``"soundworld"``). See docs/soundworld.md.
 """
 
 from pathlib import Path
@@ -15,6 +16,15 @@ from diffdpo.worlds.soundworld.scenes import (CLIP_SECONDS, KINDS, OVERLAP, SEQU
                                              sample_scene, scene_from_caption)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+BASE_MODEL_DIR = WEIGHTS_DIR / "generator"
+
+
+def base_generator(config):
+    """The preference builder's ``"soundworld"`` generator: the shipped base unless ``generator.path``."""
+    from diffdpo.prefs.backends import TangoLayoutGenerator
+
+    return TangoLayoutGenerator(config.path or str(BASE_MODEL_DIR), config.num_inference_steps,
+                                config.guidance_scale, config.batch_size)
 
 # The CLAP backend is registered lazily (a "module:attr" string): nothing heavy is imported here.
 from diffdpo.metrics.clap import register_clap_backend  # noqa: E402
@@ -22,5 +32,5 @@ from diffdpo.metrics.clap import register_clap_backend  # noqa: E402
 register_clap_backend("soundworld", "diffdpo.worlds.soundworld.clap:SoundWorldClap")
 
 __all__ = ["CLIP_SECONDS", "EVENTS", "EVENT_NAMES", "KINDS", "OVERLAP", "SAMPLE_RATE", "SEQUENCE", "SINGLE",
-           "Scene", "TimelineEntry", "WEIGHTS_DIR", "compose_caption", "make_clip", "parse_caption",
+           "Scene", "TimelineEntry", "WEIGHTS_DIR", "BASE_MODEL_DIR", "base_generator", "compose_caption", "make_clip", "parse_caption",
            "sample_scene", "scene_from_caption"]

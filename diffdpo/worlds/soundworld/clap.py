@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from diffdpo.metrics.clap import AudioTextEmbedder
-from diffdpo.worlds.soundworld.audio import AudioConfig, fit_length, log_mel
+from diffdpo.diffusion.tango.audio import AudioConfig, fit_length, log_mel
 from diffdpo.worlds.soundworld.scenes import SEQUENCE, Scene, recast_caption
 
 
@@ -132,7 +132,7 @@ class SoundWorldClap(AudioTextEmbedder):
 
         from diffdpo.metrics.fingerprint import sha256_dir
         from diffdpo.worlds.soundworld import WEIGHTS_DIR
-        from diffdpo.worlds.soundworld.pipeline import load_tokenizer
+        from diffdpo.diffusion.tango.pipeline import load_tokenizer
 
         path = Path(path) if path is not None else WEIGHTS_DIR / "clap"
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():

@@ -65,9 +65,10 @@ def _sample(args: argparse.Namespace) -> int:
 
     import soundfile as sf
 
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
+    from diffdpo.worlds.soundworld import BASE_MODEL_DIR
 
-    pipe = SoundWorldPipeline.from_pretrained(args.model)
+    pipe = TangoPipeline.from_pretrained(args.model or BASE_MODEL_DIR)
     audio = pipe(args.caption, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
     if len(args.caption) == 1:
         targets = [Path(args.out)]
@@ -103,12 +104,14 @@ def _ceiling(args: argparse.Namespace) -> int:
     from diffdpo.worlds.soundworld.dataset import clips
     from diffdpo.worlds.soundworld.evaluate import decoder_ceiling
     from diffdpo.worlds.soundworld.oracle import Oracle
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
+    from diffdpo.worlds.soundworld import BASE_MODEL_DIR
 
     if args.clips < 1:
         raise SystemExit(f"--clips must be >= 1, got {args.clips}")
     scenes, audio = clips(args.seed, "test", args.clips)
-    result = decoder_ceiling(SoundWorldPipeline.from_pretrained(args.model), Oracle.from_pretrained(), scenes, audio)
+    pipe = TangoPipeline.from_pretrained(args.model or BASE_MODEL_DIR)
+    result = decoder_ceiling(pipe, Oracle.from_pretrained(), scenes, audio)
     for path, verdict in result.items():
         rows = verdict["rows"]
         extra = Counter(event for r in rows for event in set(r["detected"]) - set(r["events"]))

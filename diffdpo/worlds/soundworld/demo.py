@@ -138,19 +138,19 @@ def train_model(cfg: DemoConfig, out: Path, name: str) -> dict:
 
 
 def _model_dir(cfg: DemoConfig, out: Path, name: str) -> str:
-    from diffdpo.worlds.soundworld.pipeline import default_model_dir
+    from diffdpo.worlds.soundworld import BASE_MODEL_DIR
 
     if name == "base":
-        return cfg.base_model or str(default_model_dir())
+        return cfg.base_model or str(BASE_MODEL_DIR)
     return str(out / name / "final")
 
 
 def evaluate_model(cfg: DemoConfig, out: Path, name: str, scenes, oracle, clap) -> dict:
     """Generate the test captions with one model and judge every clip; cached in ``eval/<name>``."""
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
     model_dir = _model_dir(cfg, out, name)
-    return evaluate_pipeline(lambda: SoundWorldPipeline.from_pretrained(model_dir), out / "eval" / name, scenes,
+    return evaluate_pipeline(lambda: TangoPipeline.from_pretrained(model_dir), out / "eval" / name, scenes,
                              oracle, clap, cfg.evaluate, f"evaluate {name}", model_dir)
 
 

@@ -87,7 +87,7 @@ def decoder_ceiling(pipe, oracle: Oracle, scenes: list[Scene], audio: np.ndarray
     """
     import torch
 
-    from diffdpo.worlds.soundworld.audio import log_mel
+    from diffdpo.diffusion.tango.audio import log_mel
 
     paths = {"vocoder": [], "vae_vocoder": []}
     for s in range(0, len(scenes), batch_size):

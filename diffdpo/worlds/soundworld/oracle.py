@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from diffdpo.worlds.soundworld.audio import AudioConfig, griffin_lim, log_mel
+from diffdpo.diffusion.tango.audio import AudioConfig, griffin_lim, log_mel
 from diffdpo.worlds.soundworld.events import EVENT_NAMES
 from diffdpo.worlds.soundworld.scenes import SEQUENCE, Scene
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diffdpo.worlds.soundworld.audio import log_mel
+from diffdpo.diffusion.tango.audio import log_mel
 from diffdpo.worlds.soundworld.events import EVENT_NAMES
 from diffdpo.worlds.soundworld.scenes import SEQUENCE, Scene, recast_caption
 
@@ -161,7 +161,8 @@ def query_time_probe(pipe, captions: list[str], audio: np.ndarray, timesteps=(30
 
 def main(argv: list[str] | None = None) -> list[dict]:
     from diffdpo.worlds.soundworld.dataset import clips
-    from diffdpo.worlds.soundworld.pipeline import SoundWorldPipeline
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
+    from diffdpo.worlds.soundworld import BASE_MODEL_DIR
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="SoundWorld model folder (default: the shipped base)")
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     scenes, audio = clips(0, "test", args.clips)
-    pipe = SoundWorldPipeline.from_pretrained(args.model)
+    pipe = TangoPipeline.from_pretrained(args.model or BASE_MODEL_DIR)
     result = caption_sensitivity(pipe, scenes, audio, seed=args.seed)
     rows = result.table()
     print(f"{result.true_errors.shape[1]} sequence clips; true caption vs edited, same noise")

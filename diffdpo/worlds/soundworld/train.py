@@ -170,7 +170,7 @@ def train_generator(unet, text_encoder, tokenizer, noise_scheduler, latents: tor
     from diffusers.training_utils import EMAModel
 
     from diffdpo.diffusion.logratios import noisy_and_target
-    from diffdpo.worlds.soundworld.components import with_time_ramp
+    from diffdpo.diffusion.tango.position import with_time_ramp
 
     gen = torch.Generator().manual_seed(seed)
     ids, mask = tokenize(tokenizer, captions)

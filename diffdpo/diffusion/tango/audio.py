@@ -1,8 +1,15 @@
-"""Log-mel features and Griffin-Lim inversion at the settings of ``audio_config.json``.
+"""The mel front end of a latent text-to-audio model, at the settings of ``audio_config.json``.
 
-Audio -> ``log(mel + log_offset)`` (torchaudio MelSpectrogram, magnitude, Slaney mel scale and
-norm) cropped to ``frames`` columns; back through torchaudio's InverseMelScale + GriffinLim. The
-oracle, the CLAP and the generator all see the same features, so one module owns them.
+Audio -> (optionally peak-normalised) -> magnitude mel (torchaudio MelSpectrogram, Slaney mel scale
+and norm) -> log, cropped to ``frames`` columns; back through torchaudio's InverseMelScale +
+GriffinLim (a model with a HiFi-GAN vocoder uses that instead). Two published recipes share it:
+
+* SoundWorld: ``log(mel + log_offset)`` of the raw waveform;
+* Tango / AudioLDM: ``log(clamp(mel, log_offset))`` of the waveform normalised as Tango's data
+  loader does (minus its mean, divided by its peak, times 0.5), n_fft 1024, hop 160, 64 mels 0-8 kHz.
+
+Everything that turns audio into the model's features (the generator, SoundWorld's oracle and
+CLAP) goes through :func:`log_mel`, so one module owns them.
 """
 
 from __future__ import annotations
@@ -14,6 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+VOCODERS = ("griffin_lim", "hifigan")
+LOG_MODES = ("offset", "clamp")  # log(mel + log_offset) | log(clamp(mel, min=log_offset))
+MEL_LAYOUTS = ("mel_first", "time_first")  # the VAE reads [B, 1, n_mels, frames] | [B, 1, frames, n_mels]
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,14 @@ class AudioConfig:
     clip_seconds: float = 2.0
     vocoder: str = "griffin_lim"
     griffin_lim_iters: int = 32
+    log_mode: str = "offset"
+    normalize_waveform: bool = False
+    mel_layout: str = "mel_first"
+
+    def __post_init__(self):
+        for name, valid in (("vocoder", VOCODERS), ("log_mode", LOG_MODES), ("mel_layout", MEL_LAYOUTS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"audio_config.{name}: {getattr(self, name)!r} is not one of {valid}")
 
     @property
     def frames(self) -> int:
@@ -79,12 +99,36 @@ def fit_length(audio: torch.Tensor, n: int) -> torch.Tensor:
     return torch.nn.functional.pad(audio, (0, n - audio.shape[-1]))
 
 
-def log_mel(audio: np.ndarray | torch.Tensor, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
-    """``[..., samples]`` -> ``[..., n_mels, frames]`` log-mel (clip cropped/padded to ``clip_seconds``)."""
-    x = fit_length(torch.as_tensor(np.asarray(audio), dtype=torch.float32), cfg.samples)
+def normalize_peak(audio: torch.Tensor) -> torch.Tensor:
+    """Tango's loudness normalisation of each clip: minus its mean, divided by its peak, times 0.5."""
+    audio = audio - audio.mean(dim=-1, keepdim=True)
+    return 0.5 * audio / (audio.abs().amax(dim=-1, keepdim=True) + 1e-8)
+
+
+def prepare_waveform(audio: np.ndarray | torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
+    """``[..., samples]`` -> the clip the mel is taken of: cropped/zero-padded to ``clip_seconds``;
+    with ``normalize_waveform`` normalised before (over the whole clip given, as Tango's loader
+    does) and its peak set to 0.5 again after (a no-op unless the crop removed the peak)."""
+    x = torch.as_tensor(np.asarray(audio), dtype=torch.float32)
+    if not cfg.normalize_waveform:
+        return fit_length(x, cfg.samples)
+    x = fit_length(normalize_peak(x), cfg.samples)
+    return (0.5 * x / x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-8)).clamp(-1.0, 1.0)
+
+
+def log_mel(audio: np.ndarray | torch.Tensor, cfg: AudioConfig = AudioConfig(), prepared: bool = False) -> torch.Tensor:
+    """``[..., samples]`` -> ``[..., n_mels, frames]`` log-mel of :func:`prepare_waveform`'s clip
+    (``prepared``: ``audio`` already is that clip)."""
+    x = torch.as_tensor(np.asarray(audio), dtype=torch.float32) if prepared else prepare_waveform(audio, cfg)
     with torch.no_grad():
         mel = _mel(cfg)(x)[..., : cfg.frames]
-    return torch.log(mel + cfg.log_offset)
+    return torch.log(mel + cfg.log_offset) if cfg.log_mode == "offset" else torch.log(mel.clamp_min(cfg.log_offset))
+
+
+def mel_from_log(logmel: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
+    """The magnitude mel a log-mel of :func:`log_mel` came from (the inverse of its log)."""
+    mel = logmel.float().exp()
+    return (mel - cfg.log_offset).clamp_min(0.0) if cfg.log_mode == "offset" else mel
 
 
 def griffin_lim(logmel: torch.Tensor, cfg: AudioConfig = AudioConfig(), seed: int = 0) -> torch.Tensor:
@@ -94,7 +138,7 @@ def griffin_lim(logmel: torch.Tensor, cfg: AudioConfig = AudioConfig(), seed: in
     mel always gives the same waveform, whatever else is in the batch.
     """
     inv_mel, gl = _inverse(cfg)
-    mel = (logmel.float().exp() - cfg.log_offset).clamp_min(0.0)
+    mel = mel_from_log(logmel, cfg)
     flat = mel.reshape(-1, *mel.shape[-2:])
     state = torch.random.get_rng_state()
     try:

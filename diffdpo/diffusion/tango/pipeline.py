@@ -1,12 +1,14 @@
 """Load, save and sample a Tango-shaped model folder (docs/model_layout.md).
 
     text -> tokenizer -> T5 encoder states -> DDIM denoising of VAE latents with classifier-free
-    guidance -> VAE decode -> log-mel -> Griffin-Lim -> waveform
+    guidance -> VAE decode -> log-mel -> vocoder (HiFi-GAN, or Griffin-Lim) -> waveform
 
-Each component is loaded with its own library's ``from_pretrained``. A UNet with one more input
-channel than the VAE has latents gets SoundWorld's time ramp (:func:`components.with_time_ramp`);
-any code that calls the UNet directly (Diffusion-DPO training) must build its input the same
-way, which :meth:`SoundWorldPipeline.unet_forward` does. Latents are scaled as diffusers does:
+Each component is loaded with its own library's ``from_pretrained``. The same class runs Tango /
+Tango 2 (converted from their published files, or read from them directly: see
+:mod:`diffdpo.diffusion.tango.checkpoint`) and SoundWorld's base model. A UNet with one more input
+channel than the VAE has latents gets the time ramp (:mod:`.position`); any code that calls the
+UNet directly (Diffusion-DPO training) must build its input the same way, which
+:meth:`TangoPipeline.unet_forward` does. Latents are scaled as diffusers does:
 ``(z - shift_factor) * scaling_factor`` from ``vae/config.json``.
 """
 
@@ -20,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffdpo.worlds.soundworld.audio import AudioConfig, griffin_lim, log_mel
-from diffdpo.worlds.soundworld.components import position_features, set_position_features, with_time_ramp
+from diffdpo.diffusion.tango.audio import AudioConfig, griffin_lim, log_mel
+from diffdpo.diffusion.tango.position import position_features, set_position_features, with_time_ramp
 
 MODEL_INDEX = {
     "_class_name": "TangoStylePipeline",
@@ -31,12 +33,7 @@ MODEL_INDEX = {
     "unet": ["diffusers", "UNet2DConditionModel"],
     "scheduler": ["diffusers", "DDPMScheduler"],
 }
-
-
-def default_model_dir() -> Path:
-    from diffdpo.worlds.soundworld import WEIGHTS_DIR
-
-    return WEIGHTS_DIR / "generator"
+VOCODER_ENTRY = ["transformers", "SpeechT5HifiGan"]
 
 
 def load_tokenizer(path: str | Path):
@@ -66,37 +63,60 @@ def _drop_load_time_keys(folder: Path) -> None:
             config.write_text(json.dumps({k: v for k, v in data.items() if k not in LOAD_TIME_KEYS}, indent=2) + "\n")
 
 
-class SoundWorldPipeline:
-    """The components of a Tango-shaped model plus sampling. Inference only (``torch.no_grad``)."""
+class TangoPipeline:
+    """The components of a Tango-shaped model plus sampling. Inference only (``torch.no_grad``).
 
-    def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, audio_config: AudioConfig):
+    ``vocoder`` is a transformers ``SpeechT5HifiGan`` when ``audio_config.vocoder`` is "hifigan"
+    (Tango, AudioLDM), else None (Griffin-Lim). ``converted_from`` is what a converted model
+    remembers of its source layout (written to ``model_index.json``; used to write it back)."""
+
+    def __init__(self, tokenizer, text_encoder, vae, unet, scheduler, audio_config: AudioConfig, vocoder=None,
+                 converted_from: dict | None = None):
+        if (vocoder is None) != (audio_config.vocoder == "griffin_lim"):
+            raise ValueError(f"audio_config.vocoder is {audio_config.vocoder!r} but a vocoder module was "
+                             f"{'not ' if vocoder is None else ''}given")
         self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
-        self.scheduler, self.audio_config = scheduler, audio_config
+        self.scheduler, self.audio_config, self.vocoder = scheduler, audio_config, vocoder
+        self.converted_from = converted_from
 
     # ------------------------------------------------------------ loading / saving
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None) -> "SoundWorldPipeline":
+    def from_pretrained(cls, path: str | Path, text_encoder: str | None = None) -> "TangoPipeline":
+        """A folder in docs/model_layout.md's layout, or a checkpoint folder in Tango's own layout
+        (``main_config.json`` + ``pytorch_model_*.bin``), read as it is; ``text_encoder`` overrides
+        where a Tango checkpoint's tokenizer and T5 config come from (default: its main_config)."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import T5EncoderModel
 
-        path = Path(path) if path is not None else default_model_dir()
+        from diffdpo.diffusion.tango import checkpoint
+
+        path = Path(path)
+        if checkpoint.is_tango_checkpoint(path):
+            return checkpoint.load_tango_checkpoint(path, text_encoder=text_encoder)
         missing = [p for p in ("model_index.json", "audio_config.json", "text_encoder", "tokenizer", "vae", "unet",
                                "scheduler") if not (path / p).exists()]
         if missing:
-            raise FileNotFoundError(f"{path}: not a Tango-layout model folder, missing {missing} "
-                                    "(see docs/model_layout.md; the shipped base model is built by "
-                                    "recipes/soundworld_pretrain.py)")
+            raise FileNotFoundError(f"{path}: neither a Tango-layout model folder (missing {missing}, see "
+                                    "docs/model_layout.md) nor a Tango checkpoint (main_config.json + "
+                                    "pytorch_model_main.bin)")
         cfg = AudioConfig.load(path / "audio_config.json")
-        if cfg.vocoder != "griffin_lim":
-            raise ValueError(f"{path}: vocoder {cfg.vocoder!r} is not supported by SoundWorldPipeline")
+        index = json.loads((path / "model_index.json").read_text())
         unet = UNet2DConditionModel.from_pretrained(path / "unet").eval()
-        features = json.loads((path / "model_index.json").read_text()).get("position_features")
-        if features:  # cross-attention position features (components.PositionalCrossAttnProcessor)
+        features = index.get("position_features")
+        if features:  # cross-attention position features (position.PositionalCrossAttnProcessor)
             set_position_features(unet, features["query_time"], features["key_position"])
+        vocoder = None
+        if cfg.vocoder == "hifigan":
+            from transformers import SpeechT5HifiGan
+
+            if not (path / "vocoder").is_dir():
+                raise FileNotFoundError(f"{path}: audio_config.json names the hifigan vocoder but there is no vocoder/")
+            vocoder = SpeechT5HifiGan.from_pretrained(path / "vocoder").eval()
         return cls(load_tokenizer(path / "tokenizer"),
                    T5EncoderModel.from_pretrained(path / "text_encoder").eval(),
                    AutoencoderKL.from_pretrained(path / "vae").eval(),
-                   unet, DDPMScheduler.from_pretrained(path / "scheduler"), cfg)
+                   unet, DDPMScheduler.from_pretrained(path / "scheduler"), cfg, vocoder,
+                   index.get("converted_from"))
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the folder atomically (temporary sibling, then rename)."""
@@ -105,7 +125,9 @@ class SoundWorldPipeline:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         features = position_features(self.unet)
-        index = {**MODEL_INDEX, **({"position_features": features} if features else {})}
+        index = {**MODEL_INDEX, **({"vocoder": VOCODER_ENTRY} if self.vocoder is not None else {}),
+                 **({"position_features": features} if features else {}),
+                 **({"converted_from": self.converted_from} if self.converted_from else {})}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         self.audio_config.save(tmp / "audio_config.json")
         self.tokenizer.save_pretrained(tmp / "tokenizer")
@@ -113,6 +135,8 @@ class SoundWorldPipeline:
         self.vae.save_pretrained(tmp / "vae")
         self.unet.save_pretrained(tmp / "unet")
         self.scheduler.save_pretrained(tmp / "scheduler")
+        if self.vocoder is not None:
+            self.vocoder.save_pretrained(tmp / "vocoder")
         _drop_load_time_keys(tmp)
         if path.exists():
             shutil.rmtree(path)
@@ -121,10 +145,13 @@ class SoundWorldPipeline:
 
     # ------------------------------------------------------------ pieces
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(states [B, L, D], attention_mask [B, L])``."""
-        enc = self.tokenizer(list(captions), padding=True, return_tensors="pt")
-        states = self.text_encoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state
-        return states, enc.attention_mask
+        """``(states [B, L, D], attention_mask [B, L])``; captions longer than the tokenizer's
+        ``model_max_length`` are truncated (as Tango does)."""
+        enc = self.tokenizer(list(captions), padding=True, truncation=True, max_length=self.tokenizer.model_max_length,
+                             return_tensors="pt")
+        device = self.text_encoder.device
+        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+        return self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask
 
     def unet_forward(self, latents, timesteps, states, mask) -> torch.Tensor:
         """The UNet's prediction for (scaled) ``latents``, with the time ramp added where needed."""
@@ -132,9 +159,14 @@ class SoundWorldPipeline:
                          encoder_hidden_states=states, encoder_attention_mask=mask).sample
 
     @property
+    def time_first(self) -> bool:
+        return self.audio_config.mel_layout == "time_first"
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         down = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return (self.vae.config.latent_channels, self.audio_config.n_mels // down, self.audio_config.frames // down)
+        mels, frames = self.audio_config.n_mels // down, self.audio_config.frames // down
+        return (self.vae.config.latent_channels, *((frames, mels) if self.time_first else (mels, frames)))
 
     def _scale(self) -> tuple[float, float]:
         return float(self.vae.config.scaling_factor), float(self.vae.config.shift_factor or 0.0)
@@ -143,20 +175,27 @@ class SoundWorldPipeline:
     def mel_to_latents(self, mel: torch.Tensor) -> torch.Tensor:
         """``[B, n_mels, frames]`` log-mel -> scaled latents (the posterior mean)."""
         scale, shift = self._scale()
-        return (self.vae.encode(mel.unsqueeze(1)).latent_dist.mode() - shift) * scale
+        image = (mel.transpose(1, 2) if self.time_first else mel).unsqueeze(1)
+        return (self.vae.encode(image.to(self.vae.dtype)).latent_dist.mode() - shift) * scale
 
     @torch.no_grad()
     def audio_to_latents(self, audio: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``[B, samples]`` waveforms at ``audio_config.sample_rate`` -> scaled latents."""
-        return self.mel_to_latents(log_mel(audio, self.audio_config))
+        return self.mel_to_latents(log_mel(audio, self.audio_config).to(self.vae.device))
 
     @torch.no_grad()
     def latents_to_mel(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> ``[B, n_mels, frames]`` log-mel."""
         scale, shift = self._scale()
-        return self.vae.decode(latents / scale + shift).sample[:, 0]
+        image = self.vae.decode(latents.to(self.vae.device, self.vae.dtype) / scale + shift).sample[:, 0]
+        return image.transpose(1, 2) if self.time_first else image
 
+    @torch.no_grad()
     def mel_to_audio(self, mel: torch.Tensor) -> torch.Tensor:
-        return griffin_lim(mel, self.audio_config)
+        """``[B, n_mels, frames]`` log-mel -> ``[B, samples]`` waveforms."""
+        if self.vocoder is None:
+            return griffin_lim(mel, self.audio_config)
+        return self.vocoder(mel.transpose(1, 2).to(self.vocoder.device, self.vocoder.dtype)).float().cpu().reshape(len(mel), -1)
 
     # ------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -177,7 +216,7 @@ class SoundWorldPipeline:
             guided = guidance_scale != 1.0
             states, mask = self.encode_text(caps + [""] * b if guided else caps)
             lat = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(x)))
-                               for x in sds]) * sampler.init_noise_sigma
+                               for x in sds]).to(self.unet.device) * sampler.init_noise_sigma
             sampler.set_timesteps(num_inference_steps)
             for t in sampler.timesteps:
                 inp = sampler.scale_model_input(torch.cat([lat, lat]) if guided else lat, t)
@@ -186,7 +225,7 @@ class SoundWorldPipeline:
                     cond, uncond = eps.chunk(2)
                     eps = uncond + guidance_scale * (cond - uncond)
                 lat = sampler.step(eps, t, lat).prev_sample
-            out.append(lat)
+            out.append(lat.cpu())
         return torch.cat(out)
 
     def __call__(self, captions: list[str] | str, num_inference_steps: int = 25, guidance_scale: float = 3.0,
@@ -196,9 +235,9 @@ class SoundWorldPipeline:
         lat = self.sample_latents(captions, num_inference_steps, guidance_scale, seed, **kwargs)
         if output == "latent":
             return lat
-        mel = self.latents_to_mel(lat)
+        mel = self.latents_to_mel(lat).cpu()
         if output == "mel":
             return mel
         if output != "audio":
             raise ValueError(f"output must be 'audio', 'mel' or 'latent', got {output!r}")
-        return [w.numpy().astype(np.float32) for w in self.mel_to_audio(mel)]
+        return [w.cpu().numpy().astype(np.float32) for w in self.mel_to_audio(mel)]
