@@ -13,9 +13,11 @@ Notation in the docstrings: ``r_w``/``r_l`` chosen/rejected log-ratios, ``h = r_
 Conventions that differ between published code are explicit here:
 
 * **beta.** ``preference_loss('sigmoid', r_w, r_l, beta=b)`` is ``l(b * h)``. Salesforce
-  DiffusionDPO and Tango 2 write ``l(-0.5 * B * (model_diff - ref_diff))``, which is ours at
-  ``b = B / 2``; the diffusers example writes ``l(B * (ref_diff - model_diff))``, ours at ``b = B``.
-  Worked example: Salesforce's SD1.5 setting B = 5000 and the diffusers example's B = 2500 are the
+  DiffusionDPO, Tango 2 and the diffusers SDXL example (``train_diffusion_dpo_sdxl.py``, B = 5000)
+  write ``l(-0.5 * B * (model_diff - ref_diff))``, which is ours at ``b = B / 2``; the diffusers
+  SD1.5 example (``train_diffusion_dpo.py``, B = 2500) writes ``l(B * (ref_diff - model_diff))``,
+  ours at ``b = B``.
+  Worked example: Salesforce's SD1.5 setting B = 5000 and the diffusers SD1.5 example's B = 2500 are the
   same loss, ``b = 2500`` here; Tango 2's README B = 2000 is ``b = 1000``. Use
   :func:`diffusion_beta` to convert so a recipe can state the published number it reproduces.
 * **accuracy.** ``rewards/accuracies`` counts a tie (equal rewards) as 0.5; TRL counts it as 0.
@@ -558,7 +560,7 @@ class RunningRewardMean:
 
 
 _DIFFUSION_BETA_FACTORS = {
-    "diffdpo": 1.0,
+    "core": 1.0,  # diffdpo's own: l(b * h)
     # l(-0.5 * B * (model_diff - ref_diff)): Salesforce DiffusionDPO train.py, Tango 2, diffusers SDXL example
     "salesforce": 0.5,
     "tango2": 0.5,

@@ -80,10 +80,14 @@ def _png(color) -> bytes:
 
 
 def _parquet(path: Path, rows: list[dict]) -> Path:
+    """Rows as Parquet; audio cells typed as the hub's ``datasets`` Audio struct."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    audio = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    fields = [(k, audio if k in ("chosen", "rejected") else pa.Table.from_pylist([{k: r[k]} for r in rows]).schema[0].type)
+              for k in rows[0]]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(fields)), path)
     return path
 
 
@@ -100,7 +104,7 @@ def test_pickapic_reader_orders_by_label_and_drops_ties(tmp_path):
     for pair in got.pairs:  # chosen is the red one whichever column it was in
         assert load(pair.chosen)[0].mean() > 0.9 and load(pair.rejected)[2].mean() > 0.9
         assert load(pair.chosen).shape == (3, 8, 8)  # any size is resized and centre-cropped
-    with pytest.raises(ValueError, match="row 2: tie"):
+    with pytest.raises(ValueError, match="pair train-2: tie"):
         read_pairs("pickapic", file, "image", load, ties="error")
 
 
@@ -112,12 +116,12 @@ def test_bad_records_raise_naming_the_record_or_are_skipped_and_counted(tmp_path
         {"caption": "broken image", "jpg_0": b"not an image", "jpg_1": good, "label_0": 1.0},
     ])
     load = lambda m: load_image(m, 8)  # noqa: E731
-    with pytest.raises(ValueError, match=r"row 1: empty caption"):
+    with pytest.raises(ValueError, match=r"row 1: column 'caption' is empty"):
         read_pairs("pickapic", file, "image", load)
     with caplog.at_level(logging.WARNING):
         got = read_pairs("pickapic", file, "image", load, on_bad_record="skip")
     assert len(got.pairs) == 1 and got.skipped == 2
-    assert "row 2: chosen media unreadable" in caplog.text
+    assert "pair p-2: chosen media unreadable" in caplog.text
 
 
 def test_audio_alpaca_reader_resamples_stereo_to_mono(tmp_path):
@@ -137,7 +141,7 @@ def test_audio_alpaca_reader_resamples_stereo_to_mono(tmp_path):
     assert load(pair.rejected).abs().max().item() < 0.15
     missing = _parquet(tmp_path / "m.parquet", [{"prompt": "x", "chosen": {"bytes": None, "path": "nope.wav"},
                                                  "rejected": {"bytes": None, "path": "clips/b.wav"}}])
-    with pytest.raises(ValueError, match="chosen media file not found"):
+    with pytest.raises(ValueError, match="row 0 chosen: audio file not found"):
         read_pairs("audio_alpaca", missing, "audio", load)
 
 

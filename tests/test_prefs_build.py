@@ -245,13 +245,19 @@ def test_check_cli_exit_codes(good_set):
     assert bad.returncode == 1 and "manifest.json: missing" in bad.stdout
 
 
-def test_build_through_the_real_tango_layout_generator_and_clap_adapter(tmp_path):
-    """The built-in adapters: a tiny Tango-layout model (the trainer's loader) and a CLAP
-    backend (here the SoundWorld CLAP class, untrained) named through ``clap:<backend>``."""
-    from diffdpo.diffusion.tiny import build_tiny
+@pytest.mark.parametrize("layout", ["model_layout", "tango_checkpoint"])
+def test_build_through_the_real_tango_layout_generator_and_clap_adapter(tmp_path, layout):
+    """The built-in adapters: a tiny Tango-layout model (the trainer's loader) — in the toolkit's
+    layout, and a checkpoint in Tango's own published layout read as it is — and a CLAP backend
+    (here the SoundWorld CLAP class, untrained) named through ``clap:<backend>``."""
+    from diffdpo.diffusion import tiny
     from diffdpo.prefs.backends import ClapScorer, TangoLayoutGenerator
 
-    model = build_tiny("tango", tmp_path / "tiny_tango")
+    if layout == "model_layout":
+        model = tiny.build_tiny("tango", tmp_path / "tiny_tango")
+    else:
+        t5 = tiny.text_encoder_folder(tmp_path / "flan-t5")
+        model = tiny.tango_checkpoint(tmp_path / "tango2", text_encoder_name=str(t5))
     config = make_config(tmp_path, **{"generator.kind": "tango", "generator.path": model,
                                       "generator.num_inference_steps": 2, "limit": 2,
                                       "scorer.kind": "clap:helpers.fake_media:untrained_soundworld_clap",

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     imp.add_argument("source", help="Parquet file/dir, JSON/JSONL file")
     imp.add_argument("out", help="preference-set directory (trl: a .jsonl or .parquet file)")
     imp.add_argument("--ties", choices=("drop", "keep", "error"), default="drop", help="pickapic: label_0 = 0.5 rows")
+    imp.add_argument("--split", default=None, help="audio_alpaca / pickapic: the split of a hub snapshot folder that "
+                                                     "holds several (default: train)")
     exp = sub.add_parser("export", help="a preference set -> Audio-Alpaca or Pick-a-Pic Parquet")
     exp.add_argument("format", choices=FORMATS[:2])
     exp.add_argument("directory")
@@ -69,10 +71,10 @@ def _import(args: argparse.Namespace) -> int:
     if args.format == "audio_alpaca":
         from diffdpo.data.audio_alpaca import import_audio_alpaca
 
-        manifest = import_audio_alpaca(args.source, args.out)
+        manifest = import_audio_alpaca(args.source, args.out, split=args.split)
     else:
         from diffdpo.data.pickapic import import_pickapic
 
-        manifest = import_pickapic(args.source, args.out, args.ties)
+        manifest = import_pickapic(args.source, args.out, args.ties, split=args.split)
     print(json.dumps({k: v for k, v in manifest.items() if k != "source"}, indent=1))
     return 0

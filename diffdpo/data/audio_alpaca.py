@@ -224,18 +224,26 @@ def _json_rows(file: Path) -> Iterator[tuple[str, str, int, dict, Path]]:
         yield where, file.stem, i, row, file.parent
 
 
-def read_audio_alpaca(path: str | Path, split: str | None = None, info: dict | None = None) -> Iterator[MediaPair]:
+def read_audio_alpaca(path: str | Path, split: str | None = None, info: dict | None = None,
+                      on_bad_row: Callable[[str], None] | None = None) -> Iterator[MediaPair]:
     """Pairs of an Audio-Alpaca source: a Parquet file, a folder of shards (a hub snapshot), or a
-    JSON/JSONL file. ``info`` (if given) receives what was read: ``split``, ``files``."""
+    JSON/JSONL file. ``info`` (if given) receives what was read: ``split``, ``files``. A bad row
+    raises, or with ``on_bad_row`` is handed to it (the message names file and row) and skipped."""
     info = info if info is not None else {}
     for where, stem, i, row, root in _rows(Path(path), split, info):
-        prompt = row["prompt"]
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{where}: column 'prompt' is empty")
-        strategy = row.get("strategy")
-        if strategy is not None and not isinstance(strategy, str):
-            raise ValueError(f"{where}: column 'strategy' must be a string, got {type(strategy).__name__}")
-        sides = [media_bytes(row[c], root, f"{where} {c}", "audio") for c in ("chosen", "rejected")]
+        try:
+            prompt = row["prompt"]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{where}: column 'prompt' is empty")
+            strategy = row.get("strategy")
+            if strategy is not None and not isinstance(strategy, str):
+                raise ValueError(f"{where}: column 'strategy' must be a string, got {type(strategy).__name__}")
+            sides = [media_bytes(row[c], root, f"{where} {c}", "audio") for c in ("chosen", "rejected")]
+        except ValueError as err:
+            if on_bad_row is None:
+                raise
+            on_bad_row(str(err))
+            continue
         yield MediaPair(str(row.get("id", f"{stem}-{i}")), prompt, sides[0], sides[1], strategy, 1.0,
                         {"source_row": f"{stem}:{i}"})
 

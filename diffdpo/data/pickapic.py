@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from diffdpo.data.audio_alpaca import (BINARY_OR_PATH, INTEGER, NUMBER, STRING, check_columns, media_bytes,
                                        parquet_files, parquet_rows)
@@ -50,11 +50,13 @@ _OPTIONAL = {"ranking_id": INTEGER, "user_id": INTEGER, "image_0_uid": STRING, "
 
 
 def read_pickapic(path: str | Path, ties: str = "drop", counts: Counter | None = None,
-                  split: str | None = None, info: dict | None = None) -> Iterator[MediaPair]:
+                  split: str | None = None, info: dict | None = None,
+                  on_bad_row: Callable[[str], None] | None = None) -> Iterator[MediaPair]:
     """Pairs of Pick-a-Pic Parquet file(s), winner first.
 
     ``counts`` (if given) receives ``ties_dropped`` and ``unlabelled_dropped``; ``info`` receives what
-    was read (``split``, ``files``).
+    was read (``split``, ``files``). A bad row raises, or with ``on_bad_row`` is handed to it (the
+    message names file and row) and skipped; a bad file (columns, types) always raises.
     """
     import pyarrow.parquet as pq
 
@@ -67,26 +69,38 @@ def read_pickapic(path: str | Path, ties: str = "drop", counts: Counter | None =
     for file in files:
         columns = check_columns(file, pq.read_schema(file), _REQUIRED, _OPTIONAL, LAYOUT)
         for i, row in parquet_rows(file, columns):
-            where = f"{file}: row {i}"
-            caption = row["caption"]
-            if not isinstance(caption, str) or not caption.strip():
-                raise ValueError(f"{where}: column 'caption' is empty")
-            label = row["label_0"]
-            if label is None or (isinstance(label, float) and math.isnan(label)):
-                counts["unlabelled_dropped"] += 1
+            try:
+                pair = _pair(file, i, row, ties, counts)
+            except ValueError as err:
+                if on_bad_row is None:
+                    raise
+                on_bad_row(str(err))
                 continue
-            if label not in (0, 0.5, 1):
-                raise ValueError(f"{where}: column 'label_0' must be 0, 0.5 or 1, got {label!r}")
-            if label == 0.5 and ties != "keep":
-                if ties == "error":
-                    raise ValueError(f"{where}: tie (label_0 = 0.5) and ties='error'")
-                counts["ties_dropped"] += 1
-                continue
-            images = [media_bytes(row[c], file.parent, f"{where} {c}", "image") for c in ("jpg_0", "jpg_1")]
-            chosen, rejected = images if label >= 0.5 else images[::-1]
-            meta = {"source_row": f"{file.stem}:{i}", "label_0": float(label),
-                    **{k: row[k] for k in META_COLUMNS if row.get(k) is not None}}
-            yield MediaPair(f"{file.stem}-{i}", caption, chosen, rejected, None, 0.5 if label == 0.5 else 1.0, meta)
+            if pair is not None:
+                yield pair
+
+
+def _pair(file: Path, i: int, row: dict, ties: str, counts: Counter) -> MediaPair | None:
+    where = f"{file}: row {i}"
+    caption = row["caption"]
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"{where}: column 'caption' is empty")
+    label = row["label_0"]
+    if label is None or (isinstance(label, float) and math.isnan(label)):
+        counts["unlabelled_dropped"] += 1
+        return None
+    if label not in (0, 0.5, 1):
+        raise ValueError(f"{where}: column 'label_0' must be 0, 0.5 or 1, got {label!r}")
+    if label == 0.5 and ties != "keep":
+        if ties == "error":
+            raise ValueError(f"{where}: tie (label_0 = 0.5) and ties='error'")
+        counts["ties_dropped"] += 1
+        return None
+    images = [media_bytes(row[c], file.parent, f"{where} {c}", "image") for c in ("jpg_0", "jpg_1")]
+    chosen, rejected = images if label >= 0.5 else images[::-1]
+    meta = {"source_row": f"{file.stem}:{i}", "label_0": float(label),
+            **{k: row[k] for k in META_COLUMNS if row.get(k) is not None}}
+    return MediaPair(f"{file.stem}-{i}", caption, chosen, rejected, None, 0.5 if label == 0.5 else 1.0, meta)
 
 
 def import_pickapic(path: str | Path, out: str | Path, ties: str = "drop", split: str | None = None) -> dict[str, Any]:

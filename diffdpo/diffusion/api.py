@@ -51,7 +51,7 @@ def core_beta(beta: float, beta_convention: str) -> float:
     if beta_convention not in BETA_CONVENTIONS:
         lines = "\n".join(f"  {name}: {text}" for name, text in BETA_CONVENTIONS.items())
         raise ValueError(f"beta_convention: unknown {beta_convention!r}; valid are:\n{lines}")
-    return float(beta) if beta_convention == "core" else diffusion_beta(float(beta), beta_convention)
+    return diffusion_beta(float(beta), beta_convention)
 
 
 @dataclass

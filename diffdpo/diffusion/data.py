@@ -4,10 +4,10 @@ Sources (``data.source``):
 
 * ``jsonl``        — the toolkit's own set: ``<path>/prefs.jsonl`` of :class:`PreferenceRecord`, media
   paths relative to ``<path>`` (``diffdpo.data.records``).
-* ``pickapic``     — Pick-a-Pic-style Parquet file(s): ``caption``, ``jpg_0``, ``jpg_1`` (bytes),
-  ``label_0`` (1: jpg_0 preferred, 0: jpg_1 preferred, 0.5: tie).
-* ``audio_alpaca`` — Audio-Alpaca-style Parquet file(s): ``prompt``, ``chosen``, ``rejected`` (audio as
-  ``{"bytes", "path"}`` structs or paths relative to the file), ``strategy``.
+* ``pickapic``     — Pick-a-Pic Parquet file(s) or a hub snapshot folder (``yuvalkirstain/pickapic_v2``;
+  read by :func:`diffdpo.data.pickapic.read_pickapic`, columns in docs/datasets.md).
+* ``audio_alpaca`` — Audio-Alpaca Parquet file(s), a hub snapshot folder (``declare-lab/audio-alpaca``) or
+  JSON rows with audio paths (:func:`diffdpo.data.audio_alpaca.read_audio_alpaca`).
 * ``toy``          — a separable toy set written by :func:`write_toy_pairs` (smooth winner, noise loser).
 
 Ties (label 0.5) are dropped by default (``ties="drop"``, as the Diffusion-DPO paper did) or
@@ -19,6 +19,7 @@ and logs each one — never a crash hours in, never a silent drop.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -59,7 +60,13 @@ def read_pairs(source: str, path: str | Path, media: str, load_media: Callable[[
     if source not in readers:
         raise ValueError(f"data.source: unknown {source!r}; valid: {sorted(readers)}")
     out = PairSet([])
-    for where, rec in readers[source](Path(path)):
+
+    def skip(message: str) -> None:
+        out.skipped += 1
+        log.warning("skipping bad record (%d so far): %s", out.skipped, message)
+
+    on_bad_row = skip if on_bad_record == "skip" else None
+    for where, rec in readers[source](Path(path), on_bad_row):
         if rec is None:
             continue
         label = float(rec.get("label", 1.0))
@@ -71,10 +78,9 @@ def read_pairs(source: str, path: str | Path, media: str, load_media: Callable[[
         try:
             pair = _check(where, rec, label, load_media)
         except ValueError as err:
-            if on_bad_record == "error":
+            if on_bad_row is None:
                 raise
-            out.skipped += 1
-            log.warning("skipping bad record (%d so far): %s", out.skipped, err)
+            skip(str(err))
             continue
         out.pairs.append(pair)
         if max_pairs and len(out.pairs) >= max_pairs:
@@ -104,7 +110,7 @@ def _check(where: str, rec: dict, label: float, load_media) -> Pair:
     return Pair(str(rec["id"]), prompt, chosen, rejected)
 
 
-def _jsonl(path: Path):
+def _jsonl(path: Path, on_bad_row):
     root = path if path.is_dir() else path.parent
     file = path / "prefs.jsonl" if path.is_dir() else path
     if not file.is_file():
@@ -114,48 +120,30 @@ def _jsonl(path: Path):
         try:
             media = {s: resolve_under(root, getattr(rec, s), f"record {rec.id!r} {s}") for s in ("chosen", "rejected")}
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            if on_bad_row is None:
+                raise ValueError(f"{where}: {err}") from None
+            on_bad_row(f"{where}: {err}")
+            continue
         yield where, {"id": rec.id, "prompt": rec.prompt, "label": rec.label, **media}
 
 
-def _parquet_rows(path: Path):
-    import pyarrow.parquet as pq
+def _pickapic(path: Path, on_bad_row):
+    from diffdpo.data.pickapic import read_pickapic
 
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    if not files:
-        raise FileNotFoundError(f"data.path: no Parquet files at {path}")
-    for file in files:
-        for i, row in enumerate(pq.read_table(file).to_pylist()):
-            yield file, i, row
-
-
-def _pickapic(path: Path):
-    for file, i, row in _parquet_rows(path):
-        where = f"{file}: row {i}"
-        missing = [k for k in ("caption", "jpg_0", "jpg_1", "label_0") if k not in row]
-        if missing:
-            raise ValueError(f"{where}: missing column(s) {missing} (Pick-a-Pic layout expected)")
-        yield where, {"id": row.get("ranking_id", f"{file.stem}-{i}"), "prompt": row["caption"],
-                      "chosen": bytes(row["jpg_0"]), "rejected": bytes(row["jpg_1"]), "label": row["label_0"]}
+    counts = Counter()
+    for pair in read_pickapic(path, ties="keep", counts=counts, on_bad_row=on_bad_row):
+        yield f"{path}: pair {pair.id}", {"id": pair.id, "prompt": pair.prompt, "chosen": pair.chosen,
+                                          "rejected": pair.rejected, "label": pair.label}
+    if counts["unlabelled_dropped"]:
+        log.warning("%s: %d rows without label_0 dropped", path, counts["unlabelled_dropped"])
 
 
-def _audio_alpaca(path: Path):
-    for file, i, row in _parquet_rows(path):
-        where = f"{file}: row {i}"
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-        if missing:
-            raise ValueError(f"{where}: missing column(s) {missing} (Audio-Alpaca layout expected)")
-        sides = {s: _audio_cell(row[s], file.parent, f"{where} {s}") for s in ("chosen", "rejected")}
-        yield where, {"id": f"{file.stem}-{i}", "prompt": row["prompt"], **sides}
+def _audio_alpaca(path: Path, on_bad_row):
+    from diffdpo.data.audio_alpaca import read_audio_alpaca
 
-
-def _audio_cell(cell, root: Path, where: str) -> Media:
-    if isinstance(cell, dict) and cell.get("bytes"):
-        return bytes(cell["bytes"])
-    rel = cell.get("path") if isinstance(cell, dict) else cell
-    if not isinstance(rel, str) or not rel:
-        raise ValueError(f"{where}: audio cell has neither bytes nor a path")
-    return resolve_under(root, rel, where)
+    for pair in read_audio_alpaca(path, on_bad_row=on_bad_row):
+        yield f"{path}: pair {pair.id}", {"id": pair.id, "prompt": pair.prompt, "chosen": pair.chosen,
+                                          "rejected": pair.rejected}
 
 
 # -------------------------------------------------------------------- deterministic order

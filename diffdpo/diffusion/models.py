@@ -234,6 +234,12 @@ def load_backbone(family: str, name_or_path: str, resolution: int = 512, audio_s
         "audioldm2": ("AudioLDM2Pipeline", AudioLDM2Backbone),
     }[family]
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
+    if family == "audioldm2":
+        # The published cvssp/audioldm2* model_index.json names GPT2Model, which cannot generate under
+        # transformers 5; the pipeline needs the same weights as GPT2LMHeadModel.
+        from transformers import GPT2LMHeadModel
+
+        kwargs["language_model"] = from_pretrained(GPT2LMHeadModel, name_or_path, subfolder="language_model")
     pipe = from_pretrained(getattr(diffusers, cls_name), name_or_path, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return backbone(pipe, resolution, audio_seconds)

@@ -79,7 +79,10 @@ class LossConfig:
     type: str = field(default="sigmoid", metadata={"help": "any loss type of diffdpo.losses"})
     beta: float = field(default=5000.0, metadata={"help": "beta as published, in beta_convention"})
     beta_convention: str = field(default="salesforce", metadata={
-        "help": "salesforce | tango2 (-0.5*beta form), diffusers (beta*(ref-model)), core (diffdpo's own)"})
+        "help": "salesforce | tango2: the -0.5*beta form (Salesforce train.py, Tango 2, and the diffusers SDXL "
+                "example train_diffusion_dpo_sdxl.py, beta 5000); diffusers: the diffusers SD1.5 example "
+                "train_diffusion_dpo.py, beta*(ref_diff - model_diff), beta 2500 (= salesforce 5000); "
+                "core: diffdpo's own"})
     sft_weight: float = field(default=0.0, metadata={"help": "weight of the winners' denoising loss (CRPO)"})
     sft_epochs: int = field(default=0, metadata={"help": "first epochs train the winners' loss only (Tango 2: 1)"})
     options: dict = field(default_factory=dict, metadata={"help": "loss-type options, e.g. label_smoothing"})
@@ -88,7 +91,7 @@ class LossConfig:
                 "(1 = the conditional prediction, as published; costs a second forward per sample)"})
 
     def core_beta(self) -> float:
-        return self.beta if self.beta_convention == "core" else diffusion_beta(self.beta, self.beta_convention)
+        return diffusion_beta(self.beta, self.beta_convention)
 
 
 @dataclass
