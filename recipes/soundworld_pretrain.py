@@ -16,6 +16,13 @@ of starting from scratch; the manifest keeps the earlier run's entry under ``con
 Data is synthesised in memory from ``data.seed`` (train split for training, validation split for
 the numbers). Every stage records command, seed, git commit, wall time and metrics in
 ``<output_dir>/MANIFEST.json``.
+
+Weak captions: the ``weak_captions:`` section (:class:`~diffdpo.worlds.soundworld.weak_captions.WeakCaptionConfig`;
+all rates 0, the clean captions, by default) corrupts the captions the clap and generator stages learn
+from — events left out, order words dropped, vague words, captions of other clips — the same weak
+caption for a clip in both stages; the audio, the timelines and the oracle stay the truth. Both stages
+record the settings and the per-corruption counters in the manifest
+(recipes/configs/soundworld_pretrain_weak.yaml, docs/soundworld_weak_captions.md).
 """
 
 from __future__ import annotations
@@ -36,10 +43,11 @@ from diffdpo.config import load_config
 from diffdpo.diffusion.tango.audio import AudioConfig, log_mel
 from diffdpo.worlds.soundworld.clap import ClapArch, ClapTrainConfig
 from diffdpo.worlds.soundworld.components import GeneratorArch
-from diffdpo.worlds.soundworld.dataset import clips
+from diffdpo.worlds.soundworld.dataset import SPLIT_IDS, clips
 from diffdpo.worlds.soundworld.events import EVENTS
 from diffdpo.worlds.soundworld.oracle import OracleArch, OracleTrainConfig
 from diffdpo.worlds.soundworld.train import GeneratorConfig, LoopConfig, VAEConfig
+from diffdpo.worlds.soundworld.weak_captions import WeakCaptionConfig, weaken_captions
 
 STAGES = ("oracle", "clap", "generator", "decoder", "evaluate")
 
@@ -84,6 +92,8 @@ class PretrainConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     decoder: LoopConfig = field(default_factory=lambda: LoopConfig(steps=2000, max_minutes=5, lr=3e-4, warmup=20))
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    weak_captions: WeakCaptionConfig = field(default_factory=WeakCaptionConfig, metadata={
+        "help": "caption corruption for the clap and generator stages' training pairs (all 0 = clean captions)"})
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
@@ -113,6 +123,19 @@ def mels_of(seed: int, split: str, n: int, cfg: AudioConfig):
     return scenes, audio, log_mel(audio, cfg)
 
 
+def training_captions(cfg: PretrainConfig, scenes) -> tuple[list[str], list[str], dict]:
+    """The captions the clap and generator stages train on, each clip's reversed-order CLAP negative
+    ("" for none) and the manifest record (settings and per-corruption counters).
+
+    Clip ``i`` of the training split gets the same weak caption in every stage (its draw depends on
+    ``weak_captions.seed``, ``data.seed``, the split and ``i`` only). With every rate 0 the captions
+    are the scenes' own, exactly.
+    """
+    weak, counts = weaken_captions(scenes, cfg.weak_captions, key=(cfg.data.seed, SPLIT_IDS["train"]))
+    record = {"enabled": cfg.weak_captions.enabled, "counts": counts.as_dict()}
+    return [w.text for w in weak], [w.order_negative() for w in weak], record
+
+
 def stage_oracle(cfg: PretrainConfig, out: Path, log) -> dict:
     from diffdpo.worlds.soundworld.oracle import Oracle, evaluate_oracle, train_oracle
 
@@ -131,11 +154,19 @@ def stage_clap(cfg: PretrainConfig, out: Path, log) -> dict:
 
     acfg = AudioConfig()
     scenes, audio = clips(cfg.data.seed, "train", cfg.data.clap_clips)
-    model = SoundWorldClap.build(cfg.clap_arch, [s.caption for s in scenes], acfg)
-    train_metrics = train_clap(model, scenes, audio, cfg.clap, seed=cfg.seed, log=log)
+    captions, negatives, weak = training_captions(cfg, scenes)
+    if cfg.weak_captions.enabled:
+        # the vocabulary also covers the clean wording, so held-out (clean) captions tokenize fully
+        model = SoundWorldClap.build(cfg.clap_arch, captions + [s.caption for s in scenes], acfg)
+        train_metrics = train_clap(model, scenes, audio, cfg.clap, seed=cfg.seed, log=log, captions=captions,
+                                   order_negatives=negatives)
+    else:
+        model = SoundWorldClap.build(cfg.clap_arch, [s.caption for s in scenes], acfg)
+        train_metrics = train_clap(model, scenes, audio, cfg.clap, seed=cfg.seed, log=log)
     v_scenes, v_audio = clips(cfg.data.seed, "validation", cfg.data.validation_clips)
     metrics = {"train": train_metrics, "validation": {**retrieval_accuracy(model, v_scenes, v_audio),
-                                                      **order_awareness(model, v_scenes, v_audio)}}
+                                                      **order_awareness(model, v_scenes, v_audio)},
+               "weak_captions": weak}
     model.save_pretrained(out / "clap")
     return metrics
 
@@ -150,7 +181,7 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
     acfg = AudioConfig()
     scenes, _, mels = mels_of(cfg.data.seed, "train", cfg.data.generator_clips, acfg)
     _, _, v_mels = mels_of(cfg.data.seed, "validation", cfg.data.validation_clips, acfg)
-    captions = [s.caption for s in scenes]
+    captions, _, weak = training_captions(cfg, scenes)
 
     torch.manual_seed(cfg.seed)
     if cfg.generator_init:
@@ -167,7 +198,9 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
         # every phrase of every event, so no word a template can produce is missing from the vocabulary
         phrases = [p for e in EVENTS.values() for p in (*e.sentences, *e.nouns)]
-        tokenizer = train_tokenizer(captions + phrases)
+        # with weak captions the clean wording joins the vocabulary (held-out captions are clean)
+        clean = [s.caption for s in scenes] if cfg.weak_captions.enabled else []
+        tokenizer = train_tokenizer(captions + phrases + clean)
         text_encoder = build_text_encoder(len(tokenizer), cfg.arch)
         unet = build_unet(latents.shape[-1], cfg.arch)
     if cfg.arch.query_time or cfg.arch.key_position:  # the order saddle's way out (docs/soundworld.md)
@@ -189,13 +222,17 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
         pipeline_with(ema_unet, ema_text).save_pretrained(work / "generator_snapshot")
         print(f"snapshot at step {step} -> {work / 'generator_snapshot'}", flush=True)
 
+    if cfg.weak_captions.enabled:  # a continued generator's tokenizer may not know a weak caption's words
+        unk = tokenizer.unk_token_id
+        weak["captions_with_unknown_words"] = sum(unk in ids for ids in tokenizer(captions).input_ids)
     gen_metrics, ema_unet, ema_text = train_generator(
         unet, text_encoder, tokenizer, scheduler, (latents - shift) * scale, captions, cfg.generator,
         seed=cfg.seed, log=log, snapshot=snapshot)
     pipeline_with(ema_unet, ema_text).save_pretrained(out / "generator")
     params = {name: sum(p.numel() for p in m.parameters())
               for name, m in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet))}
-    metrics = {"vae": vae_metrics, "generator": gen_metrics, "parameters": params, "vocab_size": len(tokenizer)}
+    metrics = {"vae": vae_metrics, "generator": gen_metrics, "parameters": params, "vocab_size": len(tokenizer),
+               "weak_captions": weak}
     earlier = Path(cfg.generator_init).parent / "MANIFEST.json"
     if cfg.generator_init and earlier.exists():  # keep how the starting point was made
         metrics["continued_from"] = json.loads(earlier.read_text()).get("generator")
@@ -262,8 +299,9 @@ def main(argv: list[str] | None = None) -> None:
             metrics = {"oracle": stage_oracle, "clap": stage_clap, "decoder": stage_decoder,
                        "evaluate": stage_evaluate}[stage](cfg, out, log)
         section = {"oracle": {"arch": cfg.oracle_arch, "train": cfg.oracle},
-                   "clap": {"arch": cfg.clap_arch, "train": cfg.clap},
-                   "generator": {"arch": cfg.arch, "vae": cfg.vae, "train": cfg.generator},
+                   "clap": {"arch": cfg.clap_arch, "train": cfg.clap, "weak_captions": cfg.weak_captions},
+                   "generator": {"arch": cfg.arch, "vae": cfg.vae, "train": cfg.generator,
+                                 "weak_captions": cfg.weak_captions},
                    "decoder": {"train": cfg.decoder},
                    "evaluate": {"eval": cfg.evaluate}}[stage]
         update_manifest(out, stage, {

@@ -192,17 +192,34 @@ class SoundWorldClap(AudioTextEmbedder):
 
 
 def train_clap(model: SoundWorldClap, scenes: list[Scene], audio: np.ndarray, cfg: ClapTrainConfig, seed: int = 0,
-               log=lambda step, m: None) -> dict:
-    """Symmetric InfoNCE over in-batch pairs (+ each sequence's reversed caption, audio -> text)."""
+               log=lambda step, m: None, captions: list[str] | None = None,
+               order_negatives: list[str] | None = None) -> dict:
+    """Symmetric InfoNCE over in-batch pairs (+ each sequence's reversed caption, audio -> text).
+
+    ``captions`` are the texts paired with the clips (default: each scene's own caption; the
+    pretraining recipe passes weak captions, :mod:`.weak_captions`), and ``order_negatives`` each
+    clip's extra reversed-order negative, "" for none (default: each sequence scene's caption with
+    its events reversed). Pass both or neither.
+    """
     from diffdpo.worlds.soundworld.oracle import _noisy
 
+    if (captions is None) != (order_negatives is None):
+        raise ValueError("train_clap: pass both captions and order_negatives, or neither")
+    for name, texts in (("captions", captions), ("order_negatives", order_negatives)):
+        if texts is not None and len(texts) != len(scenes):
+            raise ValueError(f"train_clap: {len(texts)} {name} for {len(scenes)} clips")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     mels = log_mel(_noisy(audio, rng, cfg.noise_db), model.audio_config)
-    ids, mask = model._tokens([s.caption for s in scenes])
-    reversed_caps = [recast_caption(s.caption, s.events[::-1]) if s.kind == SEQUENCE else "" for s in scenes]
+    if captions is None:
+        ids, mask = model._tokens([s.caption for s in scenes])
+        reversed_caps = [recast_caption(s.caption, s.events[::-1]) if s.kind == SEQUENCE else "" for s in scenes]
+        is_sequence = torch.tensor([s.kind == SEQUENCE for s in scenes])
+    else:
+        ids, mask = model._tokens(list(captions))
+        reversed_caps = list(order_negatives)
+        is_sequence = torch.tensor([bool(n) for n in reversed_caps])
     reversed_ids, reversed_mask = model._tokens(reversed_caps)
-    is_sequence = torch.tensor([s.kind == SEQUENCE for s in scenes])
     opt = torch.optim.AdamW(model.net.parameters(), lr=cfg.lr, weight_decay=0.01)
     model.net.train()
     gen = torch.Generator().manual_seed(seed)
