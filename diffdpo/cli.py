@@ -1,5 +1,9 @@
 """The ``diffdpo`` command. Each subcommand lives in its own module, imported only when used,
-so ``diffdpo --help`` stays fast; a module exposes ``add_arguments(parser)`` and ``run(args)``."""
+so ``diffdpo --help`` stays fast; a module exposes ``add_arguments(parser)`` and ``run(args)``.
+
+A user mistake inside a subcommand (a missing config or input file, an unknown config key, a bad
+value; see :mod:`diffdpo.errors`) prints ``diffdpo <command>: error: ...`` and exits 2, as argparse
+does for a bad flag; any other exception is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -34,10 +38,23 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _name_subparsers(parser: argparse.ArgumentParser) -> None:
+    """Each (nested) subparser stores its prog, e.g. ``diffdpo eval clap``, as ``args._prog``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.set_defaults(_prog=sub.prog)
+                _name_subparsers(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from diffdpo.errors import report_user_errors
+
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    parser = build_parser(argv)
+    _name_subparsers(parser)
+    args = parser.parse_args(argv)
+    return int(report_user_errors(args._prog, lambda: importlib.import_module(args._module).run(args)) or 0)
 
 
 if __name__ == "__main__":

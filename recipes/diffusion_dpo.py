@@ -5,6 +5,7 @@
 """
 
 from diffdpo.diffusion.trainer import DiffusionDPOConfig, main, train  # noqa: F401  (tests import these here)
+from diffdpo.errors import run_main
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a user mistake (config, key, value, missing file): one line on stderr, exit code 2

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffdpo.config import load_config, save_config  # noqa: E402
+from diffdpo.config import load_config, run_main, save_config  # noqa: E402
 from diffdpo.llm.trainer import LLMDPOConfig, train  # noqa: E402
 
 
@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = load_config(LLMDPOConfig, args.config, args.overrides)
+    # the data files are read after the model loads: a missing one is reported before that
+    for key, path in (("data.train_path", cfg.data.train_path), ("data.eval_path", cfg.data.eval_path)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{key}: preference data not found: {path}")
     Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
     result = train(cfg)
@@ -50,4 +54,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a user mistake (config, key, value, missing file): one line on stderr, exit code 2

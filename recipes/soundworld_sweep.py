@@ -18,7 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffdpo.config import from_dict, load_config, merge, to_dict
+from diffdpo.config import from_dict, load_config, merge, run_main, to_dict
+from diffdpo.errors import ConfigError
 from diffdpo.worlds.soundworld.demo import DemoConfig, EvalSettings, evaluate_pipeline, mean_interval
 
 
@@ -51,46 +52,69 @@ def _summary(rows: list[dict], base_rows: list[dict], key: str) -> dict:
     return {**mean_interval(v, 1000), "delta_vs_base": delta["mean"], "delta_ci95": delta["ci95"]}
 
 
+def _run_configs(cfg: SweepConfig, demo: DemoConfig, demo_dir: Path, base_dir: str) -> dict:
+    """Each run's DiffusionDPOConfig, built (and so checked) before anything is trained or evaluated."""
+    from diffdpo.diffusion.trainer import DiffusionDPOConfig
+
+    if not cfg.steps or any(not isinstance(s, int) or s <= 0 for s in cfg.steps):
+        raise ConfigError(f"steps: give positive checkpoint steps, got {cfg.steps}", ["steps"])
+    configs = {}
+    for name, overrides in cfg.runs.items():
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError(f"runs.{name}: expected a mapping of DiffusionDPOConfig overrides, got {overrides!r}",
+                              [f"runs.{name}"])
+        try:
+            configs[name] = from_dict(DiffusionDPOConfig, merge(merge(demo.dpo, overrides or {}), {
+                "model": {"family": "tango", "name_or_path": base_dir},
+                "data": {"source": "jsonl", "path": str(demo_dir / "prefs")},
+                "train": {"output_dir": str(Path(cfg.out) / name), "seed": demo.seed, "report_to": "none",
+                          "max_steps": max(cfg.steps), "save_every": min(cfg.steps), "keep_last": None}}))
+        except ConfigError as e:
+            raise ConfigError(f"runs.{name}: {e}", [f"runs.{name}.{k}" for k in e.keys]) from e
+    return configs
+
+
 def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # every user mistake (config, keys, the demo directory, the runs' overrides) is found here, before
+    # any model loads
+    cfg = load_config(SweepConfig, args.config, args.overrides)
+    demo_dir, out = Path(cfg.demo), Path(cfg.out)
+    if not (demo_dir / "demo_config.yaml").is_file():
+        raise FileNotFoundError(f"demo: {demo_dir} is not a finished `diffdpo demo` directory (no demo_config.yaml)")
+    demo = load_config(DemoConfig, demo_dir / "demo_config.yaml")
+    ev = from_dict(EvalSettings, merge(to_dict(demo.evaluate), cfg.evaluate), prefix="evaluate.")
+
     import torch
 
-    from diffdpo.diffusion.trainer import DiffusionDPOConfig, train
+    from diffdpo.diffusion.trainer import train
     from diffdpo.worlds.soundworld.clap import SoundWorldClap
     from diffdpo.worlds.soundworld.dataset import clips
     from diffdpo.worlds.soundworld.demo import _model_dir
     from diffdpo.worlds.soundworld.oracle import Oracle
     from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=None)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg = load_config(SweepConfig, args.config, args.overrides)
+    base_dir = _model_dir(demo, demo_dir, "base")
+    run_configs = _run_configs(cfg, demo, demo_dir, base_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    demo_dir, out = Path(cfg.demo), Path(cfg.out)
-    demo = load_config(DemoConfig, demo_dir / "demo_config.yaml")
-    ev = from_dict(EvalSettings, merge(to_dict(demo.evaluate), cfg.evaluate))
     key = lambda e: (e.captions, e.steps, e.guidance, e.seed)
     # the demo's own settings reuse its base evaluation; others (e.g. more captions, for tighter
     # intervals) evaluate the base here, in folders named by those settings
     tag = "" if key(ev) == key(demo.evaluate) else "_{}c_{}s_g{}_seed{}".format(*key(ev))
     scenes, _ = clips(demo.data_seed, "test", ev.captions)
     oracle, clap = Oracle.from_pretrained(), SoundWorldClap()
-    base_dir = _model_dir(demo, demo_dir, "base")
     base = evaluate_pipeline(lambda: TangoPipeline.from_pretrained(base_dir),
                              (out / f"base_eval{tag}") if tag else demo_dir / "eval" / "base",
                              scenes, oracle, clap, ev, "base", base_dir)
     table = []
     for name, overrides in cfg.runs.items():
         run_dir = out / name
-        last = max(cfg.steps)
-        tcfg = from_dict(DiffusionDPOConfig, merge(merge(demo.dpo, overrides or {}), {
-            "model": {"family": "tango", "name_or_path": base_dir},
-            "data": {"source": "jsonl", "path": str(demo_dir / "prefs")},
-            "train": {"output_dir": str(run_dir), "seed": demo.seed, "report_to": "none", "max_steps": last,
-                      "save_every": min(cfg.steps), "keep_last": None}}))
+        tcfg = run_configs[name]
         if not (run_dir / "final").exists():
             train(tcfg, resume=True)
         for step in cfg.steps:
@@ -123,4 +147,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a user mistake (config, key, value, missing file): one line on stderr, exit code 2

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from diffdpo.config import load_config  # noqa: E402
+from diffdpo.config import load_config, run_main  # noqa: E402
+from diffdpo.errors import UserError  # noqa: E402
 from diffdpo.llm.trainer import LLMDPOConfig, train  # noqa: E402
 from diffdpo.worlds import textworld as tw  # noqa: E402
 
@@ -55,6 +56,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     args = ap.parse_args(argv)
+    _check_args(args)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +114,22 @@ def main(argv=None) -> dict:
     return results
 
 
+def _check_args(args) -> None:
+    """Bad values are user mistakes (one line, exit code 2 under run_main), found before any work."""
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        raise UserError(f"--methods: unknown {unknown}; valid: {list(METHODS)}" if unknown
+                        else f"--methods: give at least one of {list(METHODS)}")
+    minimum = {"seeds": 1, "steps": 4, "sft_steps": 1, "train_prompts": 1, "eval_prompts": 2, "threads": 1}
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            why = " (checkpoints at steps/4, steps/2 and steps)" if name == "steps" else ""
+            raise UserError(f"--{name.replace('_', '-')}: must be >= {low}{why}, got {getattr(args, name)}")
+    for name in ("beta", "lr"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name}: must be > 0, got {getattr(args, name)}")
+
+
 def _pooled(results, name, step):
     vals = []
     for seed_res in results["seeds"].values():
@@ -156,4 +174,4 @@ def render(summary) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a user mistake (a bad value): one line on stderr, exit code 2
