@@ -257,6 +257,10 @@ def tango_checkpoint(path: str | Path, text_encoder_name: str = "google/flan-t5-
     hifigan = json.loads((checkpoint.PUBLISHED / "tango_hifigan_config.json").read_text())
     vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**{**hifigan, "model_in_dim": TINY_TANGO_STFT["n_mel_channels"],
                                                        "upsample_initial_channel": 32}))
+    for module in vocoder.modules():  # HiFi-GAN's own N(0, 0.01) init is silent (~1e-10) untrained: audible instead
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+            torch.nn.init.kaiming_normal_(module.weight, a=0.1,
+                                          mode="fan_out" if isinstance(module, torch.nn.ConvTranspose1d) else "fan_in")
     pipe = TangoPipeline(_t5_tokenizer(), _t5_encoder(),
                          AutoencoderKL(**checkpoint.vae_config(TINY_TANGO_VAE, path)),
                          UNet2DConditionModel.from_config(unet_config), checkpoint.load_scheduler(main),
