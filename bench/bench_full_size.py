@@ -1,0 +1,763 @@
+"""Diffusion-DPO step cost at the published UNet sizes: seconds per step and peak memory, CPU.
+
+Each family's published ``unet/config.json`` (``diffdpo/diffusion/published/unets/``; Tango's is
+``diffdpo/diffusion/tango/published/tango_unet_config.json``) is built with random weights and
+trained on one pair per step (a batch of 2: winner + loser) at the shapes the family trains on:
+
+    sd15       512x512   -> latents 4x64x64,   CLIP-L states 77x768
+    sdxl       1024x1024 -> latents 4x128x128, states 77x2048 + pooled 1280 + time ids 6
+    audioldm   10.24 s   -> latents 8x256x16,  CLAP class label 512 (encoder_hidden_states=None)
+    audioldm2  10.24 s   -> latents 8x256x16,  GPT-2 generated 8x768 + FLAN-T5 states Lx1024 + mask
+    tango      10.24 s   -> latents 8x256x16,  FLAN-T5-large states Lx1024 + mask
+
+The DPO step is the toolkit's own (``diffdpo.diffusion.objective.diffusion_dpo_step`` with the
+reference classes of ``diffdpo.diffusion.reference`` and the loss core of ``diffdpo.losses``,
+under ``accelerate`` as the trainer runs it); the SFT step is the same call with
+``sft_only=True`` (winners' denoising loss only). The *floor* is plain torch doing the least any
+implementation must: policy forward + backward on both halves, the reference forward under
+``no_grad`` (none for cached reference errors) and the same optimizer step. Ratios DPO/floor and
+SFT/floor say what the toolkit costs on top (SFT/floor is below 1: it skips the losers and the
+reference).
+
+Variants are ``<train>+<reference>[+gc][+bf16|+fp16][+adamw8bit]``: train ``full`` (AdamW over
+every UNet weight, states included) or ``lora`` (peft rank 8 on to_q/to_k/to_v/to_out.0, as the
+diffusers example); reference ``copy`` (frozen deep copy), ``lora_disabled`` (LoRA only) or
+``cached`` (errors computed once, no reference forward in the step); ``gc`` = gradient
+checkpointing; ``bf16``/``fp16`` = mixed precision through accelerate; ``adamw8bit`` =
+bitsandbytes' 8-bit AdamW. Every variant runs in a fresh interpreter so its peak RSS is its own;
+a variant whose predicted peak (weights, copies, gradients, optimizer states, and the activation
+bytes a forward saves, probed at a quarter of the latent area and scaled) exceeds ``--max-gib`` is
+skipped and says so.
+
+    flock /tmp/diffdpo-bench.lock .venv/bin/python bench/bench_full_size.py \\
+        [--families sd15 tango] [--variants full+copy lora+lora_disabled] [--steps 2] \\
+        [--reduced] [--json out.json] [--md out.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+UNETS = ROOT / "diffdpo" / "diffusion" / "published" / "unets"
+TANGO = ROOT / "diffdpo" / "diffusion" / "tango" / "published"
+GIB = 2**30
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_RANK = 8
+BETA = 5000.0  # Salesforce's published beta (SD1.5 and SDXL launchers), in the salesforce convention
+TEXT_LEN = 32  # FLAN-T5 tokens of a caption (padded to the longest prompt, as Tango / AudioLDM2 do)
+
+
+# ==================================================================== families
+
+
+@dataclass
+class Family:
+    name: str
+    config: Path
+    unet_class: str  # attribute of diffusers, or "audioldm2" for AudioLDM2UNet2DConditionModel
+    backbone: str  # class in diffdpo.diffusion.models whose unet_kwargs the UNet call uses
+    latent: tuple[int, ...]
+    cond_shapes: dict[str, tuple]  # per-sample shapes; "L" = the prompt's token count, ("mask", "L") = its mask
+    scheduler: dict
+    shapes_note: str
+    reduced_latent: tuple[int, ...] = (4, 16, 16)
+
+
+_SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+_AUDIOLDM_SCHEDULE = {"beta_start": 0.0015, "beta_end": 0.0195, "beta_schedule": "scaled_linear"}
+
+FAMILIES: dict[str, Family] = {
+    "sd15": Family("sd15", UNETS / "sd15.json", "UNet2DConditionModel", "StableDiffusionBackbone", (4, 64, 64),
+                   {"encoder_hidden_states": (77, 768)}, {**_SD_SCHEDULE, "prediction_type": "epsilon"},
+                   "512x512 -> latents 4x64x64; CLIP-L text states 77x768"),
+    "sdxl": Family("sdxl", UNETS / "sdxl.json", "UNet2DConditionModel", "StableDiffusionXLBackbone", (4, 128, 128),
+                   {"encoder_hidden_states": (77, 2048), "text_embeds": (1280,), "time_ids": (6,)},
+                   {**_SD_SCHEDULE, "prediction_type": "epsilon"},
+                   "1024x1024 -> latents 4x128x128; text states 77x2048, pooled 1280, time ids 6"),
+    "audioldm": Family("audioldm", UNETS / "audioldm.json", "UNet2DConditionModel", "AudioLDMBackbone", (8, 256, 16),
+                       {"class_labels": (512,)}, {**_AUDIOLDM_SCHEDULE, "prediction_type": "epsilon"},
+                       "10.24 s at 16 kHz -> mel 1024x64 -> latents 8x256x16; CLAP class label 512, "
+                       "encoder_hidden_states=None", reduced_latent=(8, 32, 8)),
+    "audioldm2": Family("audioldm2", UNETS / "audioldm2.json", "audioldm2", "AudioLDM2Backbone", (8, 256, 16),
+                        {"encoder_hidden_states": (8, 768), "encoder_hidden_states_1": ("L", 1024),
+                         "encoder_attention_mask_1": ("mask", "L")},
+                        {**_AUDIOLDM_SCHEDULE, "prediction_type": "epsilon"},
+                        f"10.24 s at 16 kHz -> latents 8x256x16; GPT-2 generated states 8x768 + FLAN-T5 states "
+                        f"{TEXT_LEN}x1024 with mask", reduced_latent=(8, 32, 8)),
+    "tango": Family("tango", TANGO / "tango_unet_config.json", "UNet2DConditionModel", "TangoBackbone", (8, 256, 16),
+                    {"encoder_hidden_states": ("L", 1024), "encoder_attention_mask": ("mask", "L")},
+                    {**_SD_SCHEDULE, "prediction_type": "v_prediction"},
+                    f"10.24 s at 16 kHz -> latents 8x256x16 (time first); FLAN-T5-large states {TEXT_LEN}x1024 "
+                    f"with mask; SD-2.1 v-prediction schedule", reduced_latent=(8, 32, 8)),
+}
+REDUCED_TEXT_LEN = 8
+
+
+def published_config(family: str) -> dict:
+    return json.loads(FAMILIES[family].config.read_text())
+
+
+def reduced_config(config: dict) -> dict:
+    """A tiny config of the same class: two blocks of 32/64 channels, one layer each, the same
+    block kinds (mirrored), conditioning widths and embedding types."""
+    c = dict(config)
+    c["block_out_channels"] = [32, 64]
+    c["down_block_types"] = list(config["down_block_types"][:2])
+    c["up_block_types"] = list(config["up_block_types"][-2:])
+    c["layers_per_block"] = 1
+    c["attention_head_dim"] = 2
+    c["norm_num_groups"] = 8
+    if "transformer_layers_per_block" in c:
+        c["transformer_layers_per_block"] = 1
+    cross = config.get("cross_attention_dim")
+    if isinstance(cross, list):
+        # AudioLDM: per-block widths equal to the block's own (its UNet self-attends); AudioLDM2:
+        # per-block lists of (None, GPT-2, T5) widths, kept.
+        c["cross_attention_dim"] = [32, 64] if not isinstance(cross[0], list) else cross[:2]
+    return c
+
+
+def build_unet(family: str, reduced: bool = False, seed: int = 0, device=None):
+    """The family's UNet class at its published config (or the reduced one), random weights."""
+    import diffusers
+    import torch
+
+    spec = FAMILIES[family]
+    config = published_config(family)
+    if reduced:
+        config = reduced_config(config)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    if spec.unet_class == "audioldm2":
+        from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2UNet2DConditionModel as cls
+    else:
+        cls = getattr(diffusers, spec.unet_class)
+    torch.manual_seed(seed)
+    if device is not None and torch.device(device).type != "cpu":
+        with torch.device(device):
+            return cls.from_config(config)
+    return cls.from_config(config)
+
+
+def make_scheduler(family: str):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, clip_sample=False, **FAMILIES[family].scheduler)
+
+
+def condition(family: str, batch: int, reduced: bool = False, seed: int = 1, device=None) -> dict:
+    """Random conditions of the family's shapes, ``[batch, ...]`` (masks all ones)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n_text = REDUCED_TEXT_LEN if reduced else TEXT_LEN
+    out = {}
+    for key, shape in FAMILIES[family].cond_shapes.items():
+        if shape[0] == "mask":
+            out[key] = torch.ones(batch, n_text, dtype=torch.long)
+            continue
+        out[key] = torch.randn(batch, *[n_text if d == "L" else d for d in shape], generator=g)
+    if "time_ids" in out:  # SDXL: (original size, crop top-left, target size)
+        side = 32 if reduced else 1024
+        out["time_ids"] = torch.tensor([[side, side, 0, 0, side, side]] * batch, dtype=torch.float32)
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def latent_shape(family: str, reduced: bool = False) -> tuple[int, ...]:
+    spec = FAMILIES[family]
+    return spec.reduced_latent if reduced else spec.latent
+
+
+def backbone_shim(family: str):
+    """The family's :class:`diffdpo.diffusion.models.Backbone` subclass, uninitialised: its
+    ``unet_kwargs`` (how the family calls its UNet) reads nothing from the instance."""
+    from diffdpo.diffusion import models
+
+    cls = getattr(models, FAMILIES[family].backbone)
+    return cls.__new__(cls)
+
+
+def predictor(family: str) -> Callable:
+    """``predict(unet, noisy, timesteps, cond)``: the family backbone's own UNet call
+    (``diffdpo.diffusion.models``: its ``unet_kwargs``), without loading a pipeline."""
+    shim = backbone_shim(family)
+
+    def predict(unet, noisy, timesteps, cond):
+        return unet(noisy, timesteps, **shim.unet_kwargs(cond)).sample
+
+    return predict
+
+
+# ==================================================================== variants
+
+
+@dataclass
+class Variant:
+    name: str
+    train: str  # full | lora
+    reference: str  # copy | lora_disabled | cached
+    gc: bool = False
+    precision: str = "no"  # no | bf16 | fp16 (accelerate's mixed_precision)
+    optimizer: str = "adamw"  # adamw | adamw8bit
+
+    @classmethod
+    def parse(cls, name: str) -> "Variant":
+        parts = name.split("+")
+        if len(parts) < 2 or parts[0] not in ("full", "lora") or parts[1] not in ("copy", "lora_disabled", "cached"):
+            raise ValueError(f"variant {name!r}: expected <full|lora>+<copy|lora_disabled|cached>[+gc][+bf16|+fp16]"
+                             f"[+adamw8bit]")
+        v = cls(name, parts[0], parts[1])
+        for flag in parts[2:]:
+            if flag == "gc":
+                v.gc = True
+            elif flag in ("bf16", "fp16"):
+                v.precision = flag
+            elif flag == "adamw8bit":
+                v.optimizer = flag
+            else:
+                raise ValueError(f"variant {name!r}: unknown flag {flag!r}")
+        if v.reference == "lora_disabled" and v.train != "lora":
+            raise ValueError(f"variant {name!r}: lora_disabled needs lora")
+        return v
+
+
+ALL_VARIANTS = ["full+copy", "full+copy+gc", "full+cached", "full+cached+gc", "lora+copy", "lora+lora_disabled",
+                "lora+cached", "lora+lora_disabled+gc", "lora+lora_disabled+bf16", "lora+lora_disabled+fp16",
+                "lora+lora_disabled+adamw8bit", "full+cached+gc+adamw8bit", "full+copy+bf16"]
+# What the default full-size run measures, in this order (the most wanted first, so a time budget
+# cuts the least wanted): about an hour on 2 cores, see docs/results/bench_full_size_cpu.md.
+DEFAULT_PLAN: list[tuple[str, str]] = [
+    ("tango", "lora+copy"), ("tango", "lora+lora_disabled"), ("sd15", "lora+copy"), ("sd15", "lora+lora_disabled"),
+    ("tango", "full+copy"), ("sd15", "full+copy"), ("tango", "full+copy+gc"), ("sd15", "full+copy+gc"),
+    ("sdxl", "full+copy"), ("sdxl", "lora+lora_disabled+gc"),
+    ("audioldm", "full+copy"), ("audioldm", "lora+copy"), ("audioldm", "lora+lora_disabled"),
+    ("audioldm2", "full+copy"), ("audioldm2", "full+cached"), ("audioldm2", "lora+lora_disabled"),
+    ("tango", "full+cached+gc"), ("tango", "lora+cached"), ("tango", "lora+lora_disabled+gc"),
+    ("tango", "lora+lora_disabled+bf16"),
+    ("sd15", "lora+cached"), ("sd15", "lora+lora_disabled+gc"), ("sd15", "lora+lora_disabled+bf16"),
+    ("sd15", "lora+lora_disabled+fp16"), ("sd15", "lora+lora_disabled+adamw8bit"),
+    ("sd15", "full+cached+gc"), ("sd15", "full+cached+gc+adamw8bit"),
+]
+
+
+def unsupported_reason(family: str, v: Variant) -> str | None:
+    """Why the toolkit cannot train a variant of a family at all (None when it can)."""
+    if v.train == "lora" and FAMILIES[family].unet_class == "audioldm2":
+        from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2UNet2DConditionModel
+
+        if not hasattr(AudioLDM2UNet2DConditionModel, "add_adapter"):
+            return ("AudioLDM2UNet2DConditionModel has no add_adapter (diffusers' PeftAdapterMixin is not among "
+                    "its bases), and diffdpo's trainer adds LoRA with unet.add_adapter")
+    return None
+
+
+def gpu_only_reason(v: Variant) -> str | None:
+    """Why a variant cannot run on this CPU (None when it can)."""
+    if v.precision == "fp16":
+        return ("GPU only: accelerate's fp16 on a CPU sets native_amp=False and its autocast does nothing, "
+                "so the step would run in fp32")
+    if v.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return "bitsandbytes is not installed here (not a diffdpo dependency); GPU only as far as this run shows"
+    return None
+
+
+# ==================================================================== memory prediction
+
+
+def param_count(unet) -> int:
+    return sum(p.numel() for p in unet.parameters())
+
+
+def saved_activation_bytes(unet, family: str, gc: bool, area_fraction: float = 0.25) -> int:
+    """Bytes the policy forward of one pair (batch 2) saves for backward, probed at
+    ``area_fraction`` of the latent area and scaled up (CPU SDPA is flash attention: its saved
+    tensors grow linearly with the tokens). Saved tensors are counted once per storage and
+    dropped at once, never kept. With gradient checkpointing only what is saved outside the
+    checkpointed blocks is seen (the blocks' kept inputs are not), so that figure is a floor."""
+    import torch
+
+    c, h, w = FAMILIES[family].latent
+    scale = area_fraction ** 0.5
+    ph, pw = max(8, int(round(h * scale / 8)) * 8), max(8, int(round(w * scale / 8)) * 8)
+    if gc:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    total, seen = [0], set()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total[0] += storage.nbytes()
+        return None
+
+    x = torch.randn(2, c, ph, pw)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+        predictor(family)(unet, x, torch.tensor([500, 500]), condition(family, 2))
+    if gc:
+        unet.disable_gradient_checkpointing()
+    return int(total[0] * (h * w) / (ph * pw))
+
+
+def predicted_peak_gib(params: int, lora_params: int, v: Variant, act_bytes: int, base_gib: float = 0.7) -> float:
+    """Static bytes (weights, frozen copy, grads, optimizer states) + probed activations."""
+    w = 4 * params
+    total = w
+    if v.reference == "copy":
+        total += w // 2 if v.precision in ("bf16", "fp16") else w  # the trainer casts the copy to the weight dtype
+    trainable = params if v.train == "full" else lora_params
+    state = 2 if v.optimizer == "adamw8bit" else 8
+    total += trainable * (4 + state)
+    if v.train == "full" and v.reference == "cached":
+        total = max(total, 2 * w)  # the copy that computes the cache at setup
+    return base_gib + (total + act_bytes) / GIB
+
+
+# ==================================================================== the measurement
+
+
+class PeakSampler:
+    """Current RSS sampled every 20 ms, so each phase's own peak is known (ru_maxrss is a
+    process-wide maximum)."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.02)
+
+    def reset(self) -> None:
+        self.peak = self.rss()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _sync(device) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _snapshot(unet) -> dict:
+    """Copies of four trainable tensors (first, two middle, last): enough to see a step move them."""
+    named = [(k, p) for k, p in unet.named_parameters() if p.requires_grad]
+    picks = {named[i][0]: named[i][1].detach().clone()
+             for i in sorted({0, len(named) // 3, 2 * len(named) // 3, len(named) - 1})}
+    return picks
+
+
+def measure(family: str, variant: str, steps: int = 2, warmup: int = 1, reduced: bool = False, device: str = "cpu",
+            floor_steps: int | None = None, sft_steps: int | None = None, seed: int = 0,
+            peak_fn: Callable[[], float] | None = None) -> dict:
+    """One variant: DPO steps (``warmup`` + ``steps`` timed), then the floor and SFT steps
+    (``steps`` timed each, no warm-up: the process is warm by then). Returns seconds, ratios,
+    parameter counts and (via ``peak_fn``, or RSS on a CPU) the peak memory of the DPO phase."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from peft import LoraConfig
+
+    from diffdpo.diffusion.logratios import draw_pairs, pair_errors, pair_inputs, pair_seed, per_sample_mse
+    from diffdpo.diffusion.encode import repeat_for_pair
+    from diffdpo.diffusion.objective import diffusion_dpo_step
+    from diffdpo.diffusion.reference import (CachedReference, FrozenCopyReference, LoraDisabledReference,
+                                             adapters_disabled, compute_reference_errors)
+    from diffdpo.diffusion.trainer import TrainConfig, make_optimizer
+    from diffdpo.losses import diffusion_beta
+
+    v = Variant.parse(variant)
+    if unsupported_reason(family, v):
+        raise ValueError(f"{family} {variant}: {unsupported_reason(family, v)}")
+    floor_steps = steps if floor_steps is None else floor_steps
+    sft_steps = steps if sft_steps is None else sft_steps
+    is_cuda = torch.device(device).type == "cuda"
+    sampler = None if is_cuda else PeakSampler()
+    t_setup = time.perf_counter()
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # several variants may share one process (gpu_check)
+    accelerator = Accelerator(mixed_precision=v.precision, cpu=not is_cuda)
+    unet = build_unet(family, reduced, seed, device=device).to(device).train()
+    params = param_count(unet)
+    if v.train == "lora":
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+    lora_params = sum(p.numel() for p in unet.parameters() if p.requires_grad) if v.train == "lora" else 0
+    if v.gc:
+        unet.enable_gradient_checkpointing()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(v.precision, torch.float32)
+    attn = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+
+    scheduler = make_scheduler(family)
+    predict = predictor(family)
+    shape = latent_shape(family, reduced)
+    g = torch.Generator().manual_seed(seed + 7)
+    w_lat = torch.randn(1, *shape, generator=g).to(device)
+    l_lat = torch.randn(1, *shape, generator=g).to(device)
+    cond = condition(family, 1, reduced, device=device)
+    indices = [0]
+    draws = draw_pairs([pair_seed(seed, 0, None)], shape, 1000, 0.0, device=device)
+
+    # ---- reference, as diffdpo.diffusion.trainer builds it
+    if v.reference == "copy":
+        reference = FrozenCopyReference(unet, weight_dtype)
+    elif v.reference == "lora_disabled":
+        reference = LoraDisabledReference(unet)
+    else:
+        ref_unet = FrozenCopyReference(unet).unet if v.train == "full" else None
+
+        @torch.no_grad()
+        def errors_of(idx):
+            inputs = pair_inputs(scheduler, w_lat, l_lat, draws)
+            if ref_unet is not None:
+                return pair_errors(lambda x, t, c: predict(ref_unet, x, t, c), inputs, repeat_for_pair(cond))
+            with adapters_disabled(unet):
+                return pair_errors(lambda x, t, c: predict(unet, x, t, c), inputs, repeat_for_pair(cond))
+
+        with tempfile.TemporaryDirectory() as tmp:
+            table = compute_reference_errors(Path(tmp) / "reference.safetensors", 1, 1, errors_of)
+        reference = CachedReference(table.to(device))
+        del ref_unet
+
+    optimizer = make_optimizer([p for p in unet.parameters() if p.requires_grad],
+                               TrainConfig(optimizer=v.optimizer), lr=1e-5)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    beta = diffusion_beta(BETA, "salesforce")
+    setup_s = time.perf_counter() - t_setup
+
+    def dpo_step(sft_only: bool = False):
+        _sync(device)
+        t0 = time.perf_counter()
+        with accelerator.autocast():
+            out = diffusion_dpo_step(predict, unet, reference, scheduler, w_lat, l_lat, cond, draws, indices,
+                                     "sigmoid", beta, sft_only=sft_only)
+        accelerator.backward(out.loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        return time.perf_counter() - t0, out
+
+    # plain-torch inputs of the floor (the noising is part of neither timing)
+    inputs = pair_inputs(scheduler, w_lat, l_lat, draws)
+    cond2 = repeat_for_pair(cond)
+    unet_kwargs = backbone_shim(family).unet_kwargs
+    ref_module = reference.unet if v.reference == "copy" else None
+    amp = dict(device_type=torch.device(device).type, dtype=weight_dtype, enabled=v.precision == "bf16" or
+               (v.precision == "fp16" and is_cuda))
+
+    def floor_step(winner_only: bool = False):
+        n = 1 if winner_only else 2
+        x, t, target = inputs.noisy[:n], inputs.timesteps[:n], inputs.target[:n]
+        kw = unet_kwargs({k: val[:n] for k, val in cond2.items()})
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(**amp):
+            pred = unet(x, t, **kw).sample
+            loss = (pred.float() - target.float()).pow(2).mean()
+            if not winner_only and v.reference != "cached":
+                with torch.no_grad():
+                    if ref_module is not None:
+                        ref_module(x, t, **kw)
+                    else:
+                        unet.disable_adapters()
+                        try:
+                            unet(x, t, **kw)
+                        finally:
+                            unet.enable_adapters()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    before = _snapshot(unet)
+    if sampler:
+        sampler.reset()
+    if is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    dpo_times, losses = [], []
+    for i in range(warmup + steps):
+        dt, out = dpo_step()
+        losses.append(out.loss.item())
+        if i >= warmup:
+            dpo_times.append(dt)
+    after = {k: p.detach() for k, p in unet.named_parameters() if k in before}
+    change = max(float((after[k].float() - before[k].float()).abs().max()) for k in before)
+    dpo_peak = peak_fn() if peak_fn else (torch.cuda.max_memory_allocated() if is_cuda else sampler.peak)
+    rss_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    if sampler:
+        sampler.reset()
+    floor_times = [floor_step() for _ in range(floor_steps)]
+    floor_peak = None if is_cuda else sampler.peak
+    sft_times = [dpo_step(sft_only=True)[0] for _ in range(sft_steps)]
+    sft_floor_times = [floor_step(winner_only=True) for _ in range(sft_steps)]
+    if sampler:
+        sampler.stop()
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else None
+
+    dpo_s, floor_s, sft_s, sft_floor_s = mean(dpo_times), mean(floor_times), mean(sft_times), mean(sft_floor_times)
+    return {
+        "family": family, "variant": variant, "status": "ok", "device": device, "reduced": reduced,
+        "latent": list(shape), "params": params, "trainable_params": lora_params if v.train == "lora" else params,
+        "attention_processors": attn, "setup_s": setup_s,
+        "dpo_step_s": dpo_s, "sft_step_s": sft_s, "floor_step_s": floor_s, "sft_floor_step_s": sft_floor_s,
+        "dpo_over_floor": dpo_s / floor_s if dpo_s and floor_s else None,
+        "sft_over_floor": sft_s / floor_s if sft_s and floor_s else None,
+        "sft_over_sft_floor": sft_s / sft_floor_s if sft_s and sft_floor_s else None,
+        "dpo_step_times_s": dpo_times, "floor_step_times_s": floor_times,
+        "samples_per_s": 2 / dpo_s if dpo_s else None,
+        "peak_dpo_bytes": int(dpo_peak), "peak_dpo_gib": dpo_peak / GIB,
+        "peak_floor_gib": floor_peak / GIB if floor_peak else None,
+        "ru_maxrss_after_dpo_gib": rss_max / GIB if not is_cuda else None,
+        "losses": losses, "param_change_after_dpo": change,
+        "timed_steps": {"warmup": warmup, "dpo": len(dpo_times), "floor": len(floor_times), "sft": len(sft_times)},
+    }
+
+
+# ==================================================================== driver
+
+
+def child(args: list[str]) -> None:
+    spec = json.loads(args[0])
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import torch
+
+    torch.manual_seed(0)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = measure(**spec)
+    result["rss_after_imports_gib"] = base / GIB
+    print("BENCH " + json.dumps(result))
+
+
+def run_child(spec: dict, timeout: float | None = None) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"},
+                         timeout=timeout)
+    line = [x for x in out.stdout.splitlines() if x.startswith("BENCH ")]
+    if out.returncode or not line:
+        tail = (out.stderr or "")[-1500:]
+        return {"family": spec["family"], "variant": spec["variant"], "status": "failed",
+                "reason": f"exit {out.returncode}: {tail}"}
+    return json.loads(line[0][6:])
+
+
+def probe_child(args: list[str]) -> None:
+    """Parameter counts and probed activation bytes (no checkpointing, and with it) of a family."""
+    from peft import LoraConfig
+
+    family = args[0]
+    unet = build_unet(family)
+    out = {"params": param_count(unet), "act_bytes": saved_activation_bytes(unet, family, gc=False),
+           "act_bytes_gc": saved_activation_bytes(unet, family, gc=True)}
+    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGETS))
+    out["lora_params"] = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
+    print("PROBE " + json.dumps(out))
+
+
+def probe(family: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--probe", family], capture_output=True,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+    line = [x for x in out.stdout.splitlines() if x.startswith("PROBE ")]
+    if out.returncode or not line:
+        raise RuntimeError(f"probe {family} failed:\n{out.stderr[-2000:]}")
+    return json.loads(line[0][6:])
+
+
+def fmt(x, spec=".1f", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def table(results: list[dict]) -> str:
+    head = ("| family | variant | DPO s/step | SFT s/step | floor s/step | DPO/floor | SFT/floor | peak RSS GiB "
+            "(DPO) | predicted GiB | status |")
+    lines = [head, "|" + "---|" * 10]
+    for r in results:
+        if r["status"] == "ok":
+            lines.append(f"| {r['family']} | {r['variant']} | {fmt(r['dpo_step_s'])} | {fmt(r['sft_step_s'])} | "
+                         f"{fmt(r['floor_step_s'])} | {fmt(r['dpo_over_floor'], '.3f')} | "
+                         f"{fmt(r['sft_over_floor'], '.3f')} | {fmt(r['peak_dpo_gib'], '.2f')} | "
+                         f"{fmt(r.get('predicted_gib'), '.1f')} | ok |")
+        else:
+            lines.append(f"| {r['family']} | {r['variant']} | - | - | - | - | - | - | "
+                         f"{fmt(r.get('predicted_gib'), '.1f')} | {r['status']}: {r.get('reason', '')[:160]} |")
+    return "\n".join(lines)
+
+
+def lora_disabled_vs_copy(results: list[dict]) -> dict:
+    """Peak memory of the LoRA-disabled reference over the frozen copy's, per family (same flags)."""
+    out = {}
+    ok = {(r["family"], r["variant"]): r for r in results if r["status"] == "ok"}
+    for (fam, name), r in ok.items():
+        if "+lora_disabled" in name:
+            twin = ok.get((fam, name.replace("+lora_disabled", "+copy")))
+            if twin:
+                out[f"{fam}:{name}"] = {"peak_ratio": r["peak_dpo_gib"] / twin["peak_dpo_gib"],
+                                        "step_time_ratio": r["dpo_step_s"] / twin["dpo_step_s"],
+                                        "vs": twin["variant"]}
+    return out
+
+
+def machine() -> dict:
+    import diffusers
+    import peft
+    import torch
+
+    info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
+            "torch_threads": torch.get_num_threads()}
+    try:
+        info["cpu_model"] = [x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")][0]
+        info["mem_total_gib"] = int(open("/proc/meminfo").readline().split()[1]) * 1024 / GIB
+    except (OSError, IndexError):
+        pass
+    try:
+        import bitsandbytes
+
+        info["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        info["bitsandbytes"] = None
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        return child(argv[1:])
+    if argv and argv[0] == "--probe":
+        return probe_child(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help=f"variant names (default: each family's plan, DEFAULT_PLAN); known: {ALL_VARIANTS}")
+    parser.add_argument("--steps", type=int, default=2, help="timed DPO steps after one warm-up (also floor/SFT steps)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--family-steps", nargs="*", default=[], metavar="FAMILY=N",
+                        help="timed steps for one family (e.g. sdxl=1: one SDXL step takes minutes here)")
+    parser.add_argument("--no-sft", nargs="*", default=[], metavar="FAMILY",
+                        help="families whose SFT and SFT-floor steps are not timed (time budget)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the measured rows of an existing --json file and run only the others")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no variant after this many seconds (the rest are listed as skipped)")
+    parser.add_argument("--reduced", action="store_true", help="tiny configs of the same classes (tests)")
+    parser.add_argument("--max-gib", type=float, default=22.0, help="skip variants predicted above this peak")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--md", type=Path, default=None, help="also write the table as markdown here")
+    args = parser.parse_args(argv)
+    started = time.time()
+    report = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.executable).name, "bench/bench_full_size.py", *argv]),
+              "machine": machine(), "reduced": args.reduced, "steps": args.steps, "warmup": args.warmup,
+              "pairs_per_step": 1, "shapes": {f: FAMILIES[f].shapes_note for f in args.families},
+              "lora": {"rank": LORA_RANK, "alpha": LORA_RANK, "targets": LORA_TARGETS}, "beta_salesforce": BETA,
+              "max_gib": args.max_gib, "probes": {}, "results": []}
+    done = {}
+    if args.resume and args.json and args.json.is_file():
+        old = json.loads(args.json.read_text())
+        done = {(r["family"], r["variant"]): r for r in old["results"] if r["status"] == "ok"}
+        report["probes"] = old.get("probes", {})
+        report["resumed_from"] = {"date": old["date"], "rows": len(done)}
+    family_steps = {k: int(n) for k, n in (x.split("=") for x in args.family_steps)}
+    plan = ([(f, n) for f in args.families for n in args.variants] if args.variants
+            else [(f, n) for f, n in DEFAULT_PLAN if f in args.families])
+    for family, name in plan:
+        v = Variant.parse(name)
+        row = {"family": family, "variant": name}
+        if (family, name) in done:
+            report["results"].append(done[(family, name)])
+            print(f"{family:9s} {name:32s} kept from {args.json}", flush=True)
+            continue
+        if args.budget_s is not None and time.time() - started > args.budget_s:
+            report["results"].append({**row, "status": "skipped",
+                                      "reason": f"time budget ({args.budget_s:.0f} s) spent"})
+            print(f"{family:9s} {name:32s} skipped (time budget)", flush=True)
+            continue
+        reason = unsupported_reason(family, v)
+        if reason:
+            report["results"].append({**row, "status": "unsupported", "reason": reason})
+            print(f"{family:9s} {name:32s} unsupported: {reason}", flush=True)
+            continue
+        reason = gpu_only_reason(v)
+        if reason:
+            report["results"].append({**row, "status": "GPU only" if reason.startswith("GPU") else "not run",
+                                      "reason": reason})
+            print(f"{family:9s} {name:32s} {report['results'][-1]['status']}: {reason}", flush=True)
+            continue
+        if not args.reduced:
+            if family not in report["probes"]:
+                report["probes"][family] = probe(family)
+            pr = report["probes"][family]
+            act = pr["act_bytes_gc"] if v.gc else pr["act_bytes"]
+            row["predicted_gib"] = predicted_peak_gib(pr["params"], pr["lora_params"], v, act)
+            if row["predicted_gib"] > args.max_gib:
+                report["results"].append({**row, "status": "skipped", "reason": (
+                    f"predicted peak {row['predicted_gib']:.1f} GiB > {args.max_gib:.0f} GiB "
+                    f"({pr['params'] / 1e9:.2f}B params; activations {act / GIB:.1f} GiB)")})
+                print(f"{family:9s} {name:32s} skipped ({row['predicted_gib']:.1f} GiB predicted)", flush=True)
+                continue
+        steps = family_steps.get(family, args.steps)
+        spec = {"family": family, "variant": name, "steps": steps, "warmup": args.warmup,
+                "reduced": args.reduced, "sft_steps": 0 if family in args.no_sft else steps}
+        t0 = time.time()
+        res = {**run_child(spec), **{k: v_ for k, v_ in row.items() if k == "predicted_gib"}}
+        res["wall_s"] = time.time() - t0
+        report["results"].append(res)
+        if res["status"] == "ok":
+            print(f"{family:9s} {name:32s} DPO {res['dpo_step_s']:8.2f}s  floor {res['floor_step_s']:8.2f}s  "
+                  f"x{res['dpo_over_floor']:.3f}  SFT {res['sft_step_s']:7.2f}s  peak {res['peak_dpo_gib']:6.2f} "
+                  f"GiB  ({res['wall_s']:.0f}s wall)", flush=True)
+        else:
+            print(f"{family:9s} {name:32s} FAILED {res['reason'][-400:]}", flush=True)
+        if args.json:  # write as we go: a long run keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1))
+    report["lora_disabled_vs_copy"] = lora_disabled_vs_copy(report["results"])
+    report["total_wall_s"] = time.time() - started
+    md = table(report["results"])
+    print("\n" + md)
+    for k, r in report["lora_disabled_vs_copy"].items():
+        print(f"  {k}: peak x{r['peak_ratio']:.3f} of {r['vs']}, step time x{r['step_time_ratio']:.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(md + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
