@@ -32,5 +32,5 @@ def from_pretrained(cls, name_or_path: str, setting: str = "model.name_or_path",
                 f"model {name_or_path!r} is neither a local folder nor in the Hugging Face cache, and the hub is "
                 f"offline (HF_HUB_OFFLINE=1). Download it on a connected machine with\n"
                 f"    huggingface-cli download {name_or_path} --local-dir models/{name_or_path.split('/')[-1]}\n"
-                f"copy that folder here and set {setting}=models/{name_or_path.split('/')[-1]}") from err
+                f"copy that folder here and point {setting} at it (models/{name_or_path.split('/')[-1]})") from err
     return cls.from_pretrained(name_or_path, **kwargs)

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from diffdpo.errors import UserError
+
 PUBLISHED = Path(__file__).parent / "published"
 TANGO_FILES = ("main_config.json", "pytorch_model_main.bin", "vae_config.json", "pytorch_model_vae.bin",
                "stft_config.json", "pytorch_model_stft.bin")
@@ -46,7 +48,7 @@ SD21 = "stabilityai/stable-diffusion-2-1"
 MEL_FRAMES = 1024  # Tango pads or crops every clip's mel to 1024 frames (10.24 s at hop 160)
 
 
-class TangoCheckpointError(ValueError):
+class TangoCheckpointError(UserError, ValueError):
     """A file of a Tango checkpoint folder is missing or is not what the layout says."""
 
 
@@ -135,7 +137,7 @@ def load_text_encoder(name_or_path: str, state: dict[str, torch.Tensor], where: 
 
     from diffdpo.diffusion.hub import from_pretrained
 
-    setting = "the text encoder (diffdpo convert tango --text-encoder DIR)"
+    setting = "main_config.json's text_encoder_name (or diffdpo convert tango --text-encoder)"
     tokenizer = from_pretrained(AutoTokenizer, name_or_path, setting=setting)
     if len(tokenizer) < 16:  # transformers can return a near-empty tokenizer offline instead of raising
         raise TangoCheckpointError(f"tokenizer {name_or_path!r} loaded with only {len(tokenizer)} tokens")
