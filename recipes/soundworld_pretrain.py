@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffdpo.config import load_config
+from diffdpo.config import load_config, run_main
 from diffdpo.diffusion.tango.audio import AudioConfig, log_mel
 from diffdpo.worlds.soundworld.clap import ClapArch, ClapTrainConfig
 from diffdpo.worlds.soundworld.components import GeneratorArch
@@ -314,4 +314,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,7 +27,7 @@ def s(z):
 
 
 def reference(name, rw, rl, beta, pw=None, pl=None, nw=None, nl=None, Pw=None, Pl=None, **o):
-    """One pair's loss, re-derived from the papers' formulas (see ANCHORS.md)."""
+    """One pair's loss, re-derived from the papers' formulas (each loss's docstring in diffdpo/losses.py names its paper)."""
     h = rw - rl
     eps = o.get("label_smoothing", 1e-3 if name == "exo_pair" else 0.0)
     if name == "sigmoid":

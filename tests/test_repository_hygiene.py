@@ -40,21 +40,6 @@ ALLOWED: dict[str, dict[str, str]] = {
     },
 }
 
-# Mentions in files other changes own, to be replaced by the cited paper / repository URL there
-# (the text each should become is in the note). Listed so this test passes meanwhile; delete an entry
-# when its file is fixed.
-PENDING: dict[str, dict[str, str]] = {
-    "docs/llm_dpo.md": {
-        "ANCHORS.md": "RPO's `L = L_DPO - eta * beta * log pi(y_w|x)`: cite Liu et al. 2024, "
-                      "https://arxiv.org/abs/2405.16436, instead of (ANCHORS.md)",
-    },
-    "tests/test_losses.py": {
-        "ANCHORS.md": "'re-derived from the papers' formulas (see ANCHORS.md)': cite the papers (each loss's "
-                      "docstring in diffdpo/losses.py names its paper) instead",
-    },
-}
-
-
 def tracked_mentions() -> list[tuple[str, int, str, str]]:
     """``(path, line, pattern name, text)`` for every match in a tracked text file (git grep -I skips binaries)."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
@@ -74,16 +59,16 @@ def tracked_mentions() -> list[tuple[str, int, str, str]]:
 
 def test_no_tracked_file_names_a_path_outside_the_repository():
     bad = [f"{path}:{line}: {name!r} in {text[:160]!r}" for path, line, name, text in tracked_mentions()
-           if name not in ALLOWED.get(path, {}) and name not in PENDING.get(path, {})]
+           if name not in ALLOWED.get(path, {})]
     assert not bad, ("paths outside the repository (cite the paper, repository file URL or model card; or, "
                      "if legitimate, list it in ALLOWED with the reason):\n" + "\n".join(bad))
 
 
 def test_the_allow_lists_name_files_that_exist():
     """An entry for a file that is gone (or renamed) would silently allow the pattern for a new file."""
-    missing = [path for path in {**ALLOWED, **PENDING} if not (ROOT / path).is_file()]
+    missing = [path for path in ALLOWED if not (ROOT / path).is_file()]
     assert not missing, missing
-    unknown = {path: names for path, entries in {**ALLOWED, **PENDING}.items()
+    unknown = {path: names for path, entries in ALLOWED.items()
                if (names := set(entries) - set(PATTERNS))}
     assert not unknown, unknown
 

@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from diffdpo.errors import ModelNotFoundError
 from diffdpo.llm.batching import collate, kl_sequences, pair_sequences
 from diffdpo.llm.data import TokenizeSettings, load_pairs, load_unpaired
 from diffdpo.llm.logps import LogpsModel, SequenceLogps
@@ -99,7 +100,7 @@ def load_tokenizer(name_or_path: str):
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise RuntimeError(_not_found(name_or_path, e)) from None
+        raise ModelNotFoundError(_not_found(name_or_path, e)) from None
     if len(tok) < 16:  # transformers 5 offline can hand back a 5-token stub instead of raising
         raise RuntimeError(f"tokenizer {name_or_path!r}: degenerate vocabulary of {len(tok)} tokens "
                            "(an offline hub lookup that found no files?)")
@@ -116,7 +117,7 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32"):
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_DTYPES[dtype])
     except OSError as e:
-        raise RuntimeError(_not_found(name_or_path, e)) from None
+        raise ModelNotFoundError(_not_found(name_or_path, e)) from None
 
 
 def _not_found(name: str, e: Exception) -> str:
