@@ -54,7 +54,7 @@ def cases(tmp: Path) -> dict[str, tuple[str, list[str], str, list[str]]]:
     train = ["--config", "recipes/configs/tiny_sd15.yaml", f"train.output_dir={tmp / 'run'}",
              f"model.name_or_path={tmp / 'model'}", f"data.path={tmp / 'data'}"]
     tango = ["--config", "recipes/configs/tango2_dpo.yaml", f"train.output_dir={tmp / 'run'}",
-             f"model.name_or_path={tmp / 'tango2'}"]
+             f"model.name_or_path={tmp / 'tango2'}", f"data.path={tmp}"]
     demo = ["demo", f"out={tmp / 'demo_run'}"]
     clap = ["eval", "clap", "--out", str(tmp / "clap.json"), "--audio"]
     prompts = [str(tmp / "audio"), "--prompts", str(tmp / "prompts.jsonl")]
@@ -75,6 +75,8 @@ def cases(tmp: Path) -> dict[str, tuple[str, list[str], str, list[str]]]:
                          ["override 'temporal.kinds=[drop_event]'", "swap_order"]),
         "train/config": (CLI, ["train", "--config", nope], "diffdpo train", found),
         "train/input": (CLI, ["train", *tango], "diffdpo train", ["tango2'", "local folder"]),
+        "train/data": (CLI, ["train", *tango, f"data.path={tmp / 'no_data'}"], "diffdpo train",
+                       ["data.path", "no_data"]),
         "train/key": (CLI, ["train", *train, "train.nope=1"], "diffdpo train", ["unknown config key", "'train.nope'"]),
         "train/type": (CLI, ["train", *train, "train.lr=fast"], "diffdpo train", ["train.lr: expected float", "'fast'"]),
         "train/choice": (CLI, ["train", *train, "loss.type=nope"], "diffdpo train",

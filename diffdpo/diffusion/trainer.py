@@ -246,6 +246,8 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     set_seed(tc.seed)
+    if cfg.data.source != "toy" and not Path(cfg.data.path).exists():  # say so before minutes of model loading
+        raise FileNotFoundError(f"data.path: no preference data at {cfg.data.path!r}")
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
