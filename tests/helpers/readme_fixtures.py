@@ -6,32 +6,29 @@ The README's commands name hub repositories and local folders a user downloads (
 *workspace*) whose folders and Hugging Face cache already hold tiny stand-ins in the published
 layouts, so the command runs as written:
 
-===========================================  ==========================================================
-what the README names                        what the workspace holds there (a hub id: in the cache
-                                             ``HF_HUB_CACHE`` points to, as a download puts it)
-===========================================  ==========================================================
-``models/tango-full-ft-audiocaps``           a tiny checkpoint in Tango's own six-file layout
-                                             (``diffdpo.diffusion.tiny.tango_checkpoint``); its
-                                             ``main_config.json`` names ``google/flan-t5-large``
-``google/flan-t5-large`` (hub cache)         ``tiny.text_encoder_folder``: a T5 config + tokenizer
-``cvssp/audioldm-s-full-v2``,                ``diffdpo.diffusion.hub_layouts.build_from_published``:
-``cvssp/audioldm2``,                         the repository's exact layout (``model_index.json``,
-``stable-diffusion-v1-5/stable-diffusion-v1-5``,  sub-folders, published configs) with shrunk widths
-``stabilityai/stable-diffusion-xl-base-1.0``   and random weights
-(all four in the hub cache)
-``models/clap-htsat-unfused``                a tiny transformers ``ClapModel`` + ``ClapProcessor``
-``models/clip-vit-large-patch14``            a tiny transformers ``CLIPModel`` + ``CLIPProcessor``
-``alignment-handbook/zephyr-7b-sft-full``    a 2-layer Llama and a byte-level BPE tokenizer with a
-(hub cache)                                  chat template (``diffdpo.llm.tiny``)
-``data/audio-alpaca``                        Audio-Alpaca in its published schema and shard names
-                                             (``tests/fixtures/datasets/audio_alpaca.yaml``), 4 rows
-``data/pickapic_v2``                         Pick-a-Pic v2 likewise (``pickapic_v2.yaml``), 4 rows
-``data/pairs/{train,test}.parquet``          TRL-layout text pairs (conversational, implicit prompt)
-``captions.txt``                             four AudioCaps-style captions
-``samples/{base,tuned}/``, ``prompts.jsonl``,  generated audio of two models, their prompts and real
-``data/audiocaps-test/``                     reference clips (tones, 16 kHz WAV)
-``samples/{sd15,sd15-dpo}/``                 generated images of two models (PNG)
-===========================================  ==========================================================
+* ``models/tango-full-ft-audiocaps``: a tiny checkpoint in Tango's own six-file layout
+  (``diffdpo.diffusion.tiny.tango_checkpoint``); its ``main_config.json`` names
+  ``google/flan-t5-large``, whose config and tokenizer (``tiny.text_encoder_folder``) sit in the hub
+  cache under that id;
+* ``cvssp/audioldm-s-full-v2``, ``cvssp/audioldm2``, ``stable-diffusion-v1-5/stable-diffusion-v1-5``,
+  ``stabilityai/stable-diffusion-xl-base-1.0`` (the configs' hub ids, in the hub cache):
+  ``diffdpo.diffusion.hub_layouts.build_from_published``, each repository's exact layout
+  (``model_index.json``, sub-folders, published configs) with shrunk widths and random weights;
+* ``models/clap-htsat-unfused``, ``models/clip-vit-large-patch14``: a tiny transformers ``ClapModel``
+  + ``ClapProcessor`` and ``CLIPModel`` + ``CLIPProcessor`` (``tests/metrics_helpers.py``);
+* ``alignment-handbook/zephyr-7b-sft-full`` (hub cache): a 2-layer Llama and a byte-level BPE
+  tokenizer with a chat template (``diffdpo.llm.tiny``);
+* ``data/audio-alpaca``, ``data/pickapic_v2``: 4 rows each in the published schema and shard names
+  (``tests/fixtures/datasets/audio_alpaca.yaml``, ``pickapic_v2.yaml``);
+* ``data/pairs/{train,test}.parquet``: TRL-layout text pairs (conversational, implicit prompt);
+* ``captions.txt``: four AudioCaps-style captions;
+* the evaluation inputs: ``samples/{base,tuned}/`` (two models' audio), ``data/audiocaps-test/``
+  (reference clips), ``prompts.jsonl`` (id, prompt), ``samples/{sd15,sd15-dpo}/`` (two models' images);
+* ``recipes/`` and ``scripts/``: links to the repository's (the README's paths are relative to it).
+
+The hub cache is the folder ``HF_HUB_CACHE`` points to, laid out as a download leaves it
+(``tests/helpers/hub_cache.py``). The commands run offline (``HF_HUB_OFFLINE=1``), with one OpenMP
+thread and ``HOME`` inside the workspace.
 
 ``hf download`` itself runs too: offline (``HF_HUB_OFFLINE=1``) it returns the existing
 ``--local-dir`` folder, or the cached snapshot, without touching the network.
@@ -240,11 +237,11 @@ def build_workspace(root: str | Path) -> Workspace:
     _eval_media(root)
     shutil.rmtree(scratch)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "PYTEST_"))}
+    (root / ".home").mkdir()
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_CACHE=str(hub),
                HF_HOME=str(root / ".hf-home"), HOME=str(root / ".home"), XDG_CACHE_HOME=str(root / ".cache"),
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               HF_HUB_DISABLE_TELEMETRY="1", PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-               DIFFDPO_ROOT=str(ROOT))
+               HF_HUB_DISABLE_TELEMETRY="1", PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
     for name in ("recipes", "scripts"):  # the README's paths are relative to the repository root
         (root / name).symlink_to(ROOT / name)
     return Workspace(root, hub, env)
