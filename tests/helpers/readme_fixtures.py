@@ -126,7 +126,7 @@ def _strip_comment(line: str) -> str:
     return line
 
 
-PREFS_OVERRIDES = ["limit=2", "num_samples=2", "generator.num_inference_steps=2", "generator.batch_size=4",
+PREFS_OVERRIDES = ["limit=1", "num_samples=2", "generator.num_inference_steps=2", "generator.batch_size=4",
                    "perturbed.num_perturbations=1", "temporal.samples_per_perturbation=1", "multi_sample.min_gap=0",
                    "perturbed.min_gap=0", "--no-progress"]
 DIFFUSION_OVERRIDES = ["train.max_steps=1", "train.per_device_batch=1", "train.grad_accum=1", "train.warmup_steps=0",
