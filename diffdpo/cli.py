@@ -28,7 +28,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser; only the subcommand named in ``argv`` imports its module and adds its arguments."""
-    parser = argparse.ArgumentParser(prog="diffdpo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="diffdpo", description="Preference alignment of diffusion and language models: Diffusion-DPO, a Tango "
+                                    "2-style preference builder, DPO/RPO and friends, evaluation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

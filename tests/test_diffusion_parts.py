@@ -182,7 +182,7 @@ def test_offline_hub_id_fails_fast_with_download_instructions(monkeypatch, tmp_p
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     start = time.time()
-    with pytest.raises(OfflineModelError, match="huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0"):
+    with pytest.raises(OfflineModelError, match="hf download stabilityai/stable-diffusion-xl-base-1.0"):
         load_backbone("sdxl", "stabilityai/stable-diffusion-xl-base-1.0")
     assert time.time() - start < 30
     with pytest.raises(OfflineModelError, match="docs/model_layout.md"):

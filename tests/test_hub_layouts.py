@@ -174,6 +174,6 @@ def test_offline_hub_id_not_in_cache_fails_at_once_with_download_command(tmp_pat
                          timeout=120)
     assert "SECONDS" in out.stdout, out.stdout + out.stderr
     assert float(out.stdout.split("SECONDS")[1].split()[0]) < 10
-    assert f"huggingface-cli download {repo} --local-dir models/stable-diffusion-v1-5" in out.stdout
-    assert "model.name_or_path=models/stable-diffusion-v1-5" in out.stdout
+    assert f"hf download {repo} --local-dir models/stable-diffusion-v1-5" in out.stdout
+    assert "point model.name_or_path at it (models/stable-diffusion-v1-5)" in out.stdout
     assert not any((tmp_path / "hf").rglob("*.json"))  # nothing was fetched

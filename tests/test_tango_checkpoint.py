@@ -233,7 +233,7 @@ def test_convert_command_and_tango2_recipe_on_the_published_layout(folders, tmp_
     offline = subprocess.run([sys.executable, "-m", "diffdpo", "convert", "tango", str(src), str(tmp_path / "x")],
                              env={**env, "HF_HUB_CACHE": str(tmp_path / "empty_hub")}, capture_output=True, text=True)
     assert offline.returncode == 2 and len(offline.stderr.strip().splitlines()) == 1, offline.stderr
-    assert "huggingface-cli download google/flan-t5-large" in offline.stderr
+    assert "hf download google/flan-t5-large" in offline.stderr
     subprocess.run([sys.executable, "-m", "diffdpo", "convert", "tango", str(src), str(tmp_path / "conv")], env=env,
                    check=True, capture_output=True)
     assert (tmp_path / "conv" / "vocoder" / "config.json").is_file()

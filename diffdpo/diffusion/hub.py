@@ -31,6 +31,6 @@ def from_pretrained(cls, name_or_path: str, setting: str = "model.name_or_path",
             raise OfflineModelError(
                 f"model {name_or_path!r} is neither a local folder nor in the Hugging Face cache, and the hub is "
                 f"offline (HF_HUB_OFFLINE=1). Download it on a connected machine with\n"
-                f"    huggingface-cli download {name_or_path} --local-dir models/{name_or_path.split('/')[-1]}\n"
+                f"    hf download {name_or_path} --local-dir models/{name_or_path.split('/')[-1]}\n"
                 f"copy that folder here and point {setting} at it (models/{name_or_path.split('/')[-1]})") from err
     return cls.from_pretrained(name_or_path, **kwargs)

@@ -1,6 +1,6 @@
 """Random-weight model folders in the exact layout of the published hub repositories.
 
-Users fetch a model with ``huggingface-cli download <repo> --local-dir models/<name>`` and point
+Users fetch a model with ``hf download <repo> --local-dir models/<name>`` and point
 ``model.name_or_path`` at that folder. This module writes a folder with the same sub-folder names, the same
 ``model_index.json`` and the same component configs as the repository publishes (facts carried under
 ``published/hub/<org>--<name>/``, their sources in ``published/hub/SOURCES.md``; UNet configs under

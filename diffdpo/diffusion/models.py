@@ -222,7 +222,7 @@ def load_backbone(family: str, name_or_path: str, resolution: int = 512, audio_s
         if not Path(name_or_path).is_dir():
             raise OfflineModelError(
                 f"model {name_or_path!r}: the tango family loads a local folder: a Tango / Tango 2 checkpoint as "
-                "published (huggingface-cli download declare-lab/tango2-full --local-dir models/tango2-full), or "
+                "published (hf download declare-lab/tango2-full --local-dir models/tango2-full), or "
                 "one in docs/model_layout.md's layout (e.g. the SoundWorld base model)")
         return TangoBackbone(TangoPipeline.from_pretrained(name_or_path), resolution, audio_seconds)
     import diffusers

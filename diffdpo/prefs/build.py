@@ -39,7 +39,9 @@ class GeneratorConfig:
     num_inference_steps: int = 25
     guidance_scale: float = 3.0
     batch_size: int = 16
-    audio_seconds: float = 10.0
+    audio_seconds: float = field(default=10.0, metadata={
+        "help": "clip length for audioldm / audioldm2 (a tango-family model makes clips of its own length, "
+                "10.24 s for Tango's checkpoints)"})
 
 
 @dataclass
