@@ -538,6 +538,22 @@ def test_text_pairs_plain_conversational_and_implicit_prompt(tmp_path):
         write_text_pairs(out, tmp_path / "mixed.parquet")
 
 
+def test_text_pairs_in_ultrafeedback_binarized_layout(tmp_path):
+    """HuggingFaceH4/ultrafeedback_binarized: ``prompt`` text, ``chosen``/``rejected`` whole
+    conversations (user turn included), plus ids, scores and ``messages``, ignored."""
+    answer = {"role": "assistant", "content": "Blue."}
+    row = {"prompt": USER["content"], "prompt_id": "ab12", "chosen": [USER, answer],
+           "rejected": [USER, {"role": "assistant", "content": "Red."}], "messages": [USER, answer],
+           "score_chosen": 8.0, "score_rejected": 3.0}
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "train_prefs-00000-of-00001.parquet")
+    out = list(read_text_pairs(tmp_path / "train_prefs-00000-of-00001.parquet"))
+    assert out == [{"id": "train_prefs-00000-of-00001-0", "prompt": [USER], "chosen": [answer],
+                    "rejected": [{"role": "assistant", "content": "Red."}]}]
+    pq.write_table(pa.Table.from_pylist([{**row, "prompt": "another question"}]), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="prompt text is not the conversations' last shared user message"):
+        list(read_text_pairs(tmp_path / "bad.parquet"))
+
+
 def test_converted_text_pairs_load_in_the_llm_trainer(tmp_path):
     import llm_helpers as H
     from diffdpo.llm.data import TokenizeSettings, load_pairs

@@ -26,19 +26,12 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENI
        "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 ENV.pop("DIFFDPO_TRACEBACK", None)
 
-# How an entry point is started: ``diffdpo`` (python -m diffdpo), a recipe script, or -- for
-# recipes/soundworld_pretrain.py, whose ``__main__`` block belongs to another change -- its ``main``
-# through the shared helper exactly as that block should call it (``run_main(main)``).
-CLI, PRETRAIN = "cli", "main:soundworld_pretrain"
+# How an entry point is started: ``diffdpo`` (python -m diffdpo) or a recipe script.
+CLI, PRETRAIN = "cli", "recipes/soundworld_pretrain.py"
 
 
 def argv_of(entry: str, args: list[str]) -> list[str]:
-    if entry == CLI:
-        return [PY, "-m", "diffdpo", *args]
-    if entry.startswith("main:"):
-        return [PY, "-c", "import sys; sys.path.insert(0, 'recipes'); from diffdpo.errors import run_main; "
-                f"import {entry[5:]} as m; sys.argv[0] = '{entry[5:]}.py'; run_main(m.main)", *args]
-    return [PY, entry, *args]
+    return [PY, "-m", "diffdpo", *args] if entry == CLI else [PY, entry, *args]
 
 
 def run(argv: list[str], **env) -> SimpleNamespace:
@@ -68,6 +61,8 @@ def cases(tmp: Path) -> dict[str, tuple[str, list[str], str, list[str]]]:
         "prefs/config": (CLI, ["prefs", "build", "--config", nope], "diffdpo prefs build", found),
         "prefs/input": (CLI, [*prefs, f"captions={tmp / 'missing.txt'}"], "diffdpo prefs build",
                         ["captions", "missing.txt"]),
+        "prefs/import": (CLI, ["prefs", "import", "trl", str(tmp / "pairs_without_rejected.jsonl"), str(tmp / "p.jsonl")],
+                         "diffdpo prefs import", ["pairs_without_rejected.jsonl", "missing rejected"]),
         "prefs/key": (CLI, [*prefs, "scorer.nope=1"], "diffdpo prefs build",
                       ["override 'scorer.nope=1'", "unknown config key", "'scorer.nope'"]),
         "prefs/type": (CLI, [*prefs, "num_samples=many"], "diffdpo prefs build", ["num_samples: expected int", "'many'"]),
@@ -134,7 +129,6 @@ DRIVER = r"""
 import contextlib, io, json, runpy, sys, traceback
 sys.path.insert(0, "recipes")
 from diffdpo.cli import main as cli_main
-from diffdpo.errors import run_main
 todo, out_path, argv0 = json.loads(sys.argv[1]), sys.argv[2], list(sys.argv)
 results = {}
 for name, (entry, args) in todo.items():
@@ -143,10 +137,6 @@ for name, (entry, args) in todo.items():
         try:
             if entry == "cli":
                 code = cli_main(args)
-            elif entry.startswith("main:"):
-                sys.argv = [entry[5:] + ".py", *args]
-                run_main(__import__(entry[5:]).main)
-                code = 0
             else:
                 sys.argv = [entry, *args]
                 runpy.run_path(entry, run_name="__main__")
@@ -172,6 +162,7 @@ def inputs(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("user_errors")
     (tmp / "captions.txt").write_text("a dog barks\n")
+    (tmp / "pairs_without_rejected.jsonl").write_text('{"prompt": "p", "chosen": "a"}\n')
     (tmp / "audio").mkdir()
     sf.write(tmp / "audio" / "a.wav", (0.1 * np.sin(np.arange(8000) / 5.0)).astype("float32"), 16000)
     (tmp / "prompts.jsonl").write_text('{"id": "a", "prompt": "a tone"}\n')

@@ -63,6 +63,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    """A source that is not in the layout it is named as is the user's mistake: one line, exit 2."""
+    from diffdpo.errors import UserError
+
+    try:
+        return _import_source(args)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+
+
+def _import_source(args: argparse.Namespace) -> int:
     if args.format == "trl":
         from diffdpo.data.text_pairs import convert_text_pairs
 

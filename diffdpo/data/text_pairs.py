@@ -7,7 +7,9 @@ TRL's preference layouts, all read here (JSON list, JSONL or Parquet file(s)):
   lists of assistant messages;
 * conversational with an implicit prompt: no ``prompt``; ``chosen`` and ``rejected`` are whole
   conversations, and their shared leading messages are the prompt (split off here, so the rows
-  become explicit).
+  become explicit);
+* the same with the prompt also given as text (``HuggingFaceH4/ultrafeedback_binarized``): the
+  conversations' shared messages are the prompt, and the text must be their last user message.
 
 Rows come out as ``{"id", "prompt", "chosen", "rejected"}`` (plus ``label`` when it is not 1.0),
 the layout the LLM trainer and :class:`~diffdpo.data.records.PreferenceRecord` share for text.
@@ -79,8 +81,11 @@ def read_text_pairs(path: str | Path) -> Iterator[dict[str, Any]]:
         where = f"{where} (record {rid!r})"
         chosen, rejected = row.get("chosen"), row.get("rejected")
         prompt = row.get("prompt")
-        if prompt is None and _is_conversation(chosen) and _is_conversation(rejected):
+        if (prompt is None or isinstance(prompt, str)) and _is_conversation(chosen) and _is_conversation(rejected):
+            text = prompt
             prompt, chosen, rejected = split_implicit_prompt(chosen, rejected, where)
+            if text is not None and text.strip() != prompt[-1]["content"].strip():
+                raise ValueError(f"{where}: prompt text is not the conversations' last shared user message")
         for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
             if value is None:
                 raise ValueError(f"{where}: missing {key}")
