@@ -159,7 +159,8 @@ def make_scheduler(family: str):
     return DDPMScheduler(num_train_timesteps=1000, clip_sample=False, **FAMILIES[family].scheduler)
 
 
-def condition(family: str, batch: int, reduced: bool = False, seed: int = 1, device=None) -> dict:
+def condition(family: str, batch: int, reduced: bool = False, seed: int = 1, device=None,
+              side: int | None = None) -> dict:
     """Random conditions of the family's shapes, ``[batch, ...]`` (masks all ones)."""
     import torch
 
@@ -172,14 +173,22 @@ def condition(family: str, batch: int, reduced: bool = False, seed: int = 1, dev
             continue
         out[key] = torch.randn(batch, *[n_text if d == "L" else d for d in shape], generator=g)
     if "time_ids" in out:  # SDXL: (original size, crop top-left, target size)
-        side = 32 if reduced else 1024
+        side = 32 if reduced else (side or 1024)
         out["time_ids"] = torch.tensor([[side, side, 0, 0, side, side]] * batch, dtype=torch.float32)
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
-def latent_shape(family: str, reduced: bool = False) -> tuple[int, ...]:
+def latent_shape(family: str, reduced: bool = False, side: int | None = None) -> tuple[int, ...]:
+    """The family's latent; ``side`` (image families) = another image resolution (the VAE
+    downsamples by 8)."""
     spec = FAMILIES[family]
-    return spec.reduced_latent if reduced else spec.latent
+    if reduced:
+        return spec.reduced_latent
+    if side is not None:
+        if family not in ("sd15", "sdxl") or side % 64:
+            raise ValueError(f"{family}: an image side (multiple of 64) applies to sd15/sdxl only, got {side}")
+        return (spec.latent[0], side // 8, side // 8)
+    return spec.latent
 
 
 def backbone_shim(family: str):
@@ -213,14 +222,22 @@ class Variant:
     gc: bool = False
     precision: str = "no"  # no | bf16 | fp16 (accelerate's mixed_precision)
     optimizer: str = "adamw"  # adamw | adamw8bit
+    side: int | None = None  # "@768": image side other than the family's own
+
+    @property
+    def base(self) -> str:
+        return self.name.split("@")[0]
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
-        parts = name.split("+")
+        side = None
+        if "@" in name:
+            side = int(name.split("@")[1])
+        parts = name.split("@")[0].split("+")
         if len(parts) < 2 or parts[0] not in ("full", "lora") or parts[1] not in ("copy", "lora_disabled", "cached"):
             raise ValueError(f"variant {name!r}: expected <full|lora>+<copy|lora_disabled|cached>[+gc][+bf16|+fp16]"
-                             f"[+adamw8bit]")
-        v = cls(name, parts[0], parts[1])
+                             f"[+adamw8bit][@image_side]")
+        v = cls(name, parts[0], parts[1], side=side)
         for flag in parts[2:]:
             if flag == "gc":
                 v.gc = True
@@ -242,20 +259,24 @@ ALL_VARIANTS = ["full+copy", "full+copy+gc", "full+cached", "full+cached+gc", "l
 # cuts the least wanted): about an hour on 2 cores, see docs/results/bench_full_size_cpu.md.
 DEFAULT_PLAN: list[tuple[str, str]] = [
     ("tango", "lora+copy"), ("tango", "lora+lora_disabled"), ("sd15", "lora+copy"), ("sd15", "lora+lora_disabled"),
-    ("tango", "full+copy"), ("sd15", "full+copy"), ("tango", "full+copy+gc"), ("sd15", "full+copy+gc"),
-    ("sdxl", "full+copy"), ("sdxl", "lora+lora_disabled+gc"),
+    ("tango", "full+copy"), ("sd15", "full+copy"), ("tango", "full+copy+gc"), ("sdxl", "full+copy"),
+    ("sdxl", "lora+lora_disabled+gc"), ("sdxl", "lora+lora_disabled+gc@768"), ("sdxl", "lora+lora_disabled+gc@512"),
     ("audioldm", "full+copy"), ("audioldm", "lora+copy"), ("audioldm", "lora+lora_disabled"),
     ("audioldm2", "full+copy"), ("audioldm2", "full+cached"), ("audioldm2", "lora+lora_disabled"),
-    ("tango", "full+cached+gc"), ("tango", "lora+cached"), ("tango", "lora+lora_disabled+gc"),
-    ("tango", "lora+lora_disabled+bf16"),
-    ("sd15", "lora+cached"), ("sd15", "lora+lora_disabled+gc"), ("sd15", "lora+lora_disabled+bf16"),
-    ("sd15", "lora+lora_disabled+fp16"), ("sd15", "lora+lora_disabled+adamw8bit"),
-    ("sd15", "full+cached+gc"), ("sd15", "full+cached+gc+adamw8bit"),
+    ("audioldm2", "full+copy+gc"),
+    ("tango", "full+cached+gc"), ("tango", "full+cached+gc+adamw8bit"), ("tango", "full+copy+gc+adamw8bit"),
+    ("tango", "lora+lora_disabled+gc"), ("tango", "lora+lora_disabled+bf16"), ("tango", "lora+cached"),
+    ("sd15", "lora+lora_disabled+fp16"), ("sd15", "lora+lora_disabled+bf16"), ("sd15", "lora+lora_disabled+gc"),
+    ("sd15", "full+cached+gc+adamw8bit"), ("sd15", "lora+cached"), ("sd15", "lora+lora_disabled+adamw8bit"),
 ]
 
 
 def unsupported_reason(family: str, v: Variant) -> str | None:
     """Why the toolkit cannot train a variant of a family at all (None when it can)."""
+    if v.gc and FAMILIES[family].unet_class == "audioldm2":
+        return ("diffusers' AudioLDM2UNet2DConditionModel breaks under gradient checkpointing: its checkpointed "
+                "branch passes the Transformer2DModel arguments by position without added_cond_kwargs, so the "
+                "cross-attention mask lands in attention_mask (a shape error; modeling_audioldm2.py, diffusers 0.42.1)")
     if v.train == "lora" and FAMILIES[family].unet_class == "audioldm2":
         from diffusers.pipelines.audioldm2.modeling_audioldm2 import AudioLDM2UNet2DConditionModel
 
@@ -285,49 +306,74 @@ def param_count(unet) -> int:
     return sum(p.numel() for p in unet.parameters())
 
 
-def saved_activation_bytes(unet, family: str, gc: bool, area_fraction: float = 0.25) -> int:
-    """Bytes the policy forward of one pair (batch 2) saves for backward, probed at
-    ``area_fraction`` of the latent area and scaled up (CPU SDPA is flash attention: its saved
-    tensors grow linearly with the tokens). Saved tensors are counted once per storage and
-    dropped at once, never kept. With gradient checkpointing only what is saved outside the
-    checkpointed blocks is seen (the blocks' kept inputs are not), so that figure is a floor."""
-    import torch
-
-    c, h, w = FAMILIES[family].latent
-    scale = area_fraction ** 0.5
-    ph, pw = max(8, int(round(h * scale / 8)) * 8), max(8, int(round(w * scale / 8)) * 8)
-    if gc:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    total, seen = [0], set()
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total[0] += storage.nbytes()
-        return None
-
-    x = torch.randn(2, c, ph, pw)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
-        predictor(family)(unet, x, torch.tensor([500, 500]), condition(family, 2))
-    if gc:
-        unet.disable_gradient_checkpointing()
-    return int(total[0] * (h * w) / (ph * pw))
-
-
-def predicted_peak_gib(params: int, lora_params: int, v: Variant, act_bytes: int, base_gib: float = 0.7) -> float:
-    """Static bytes (weights, frozen copy, grads, optimizer states) + probed activations."""
+def static_gib(params: int, lora_params: int, v: Variant, base_gib: float = 0.77) -> float:
+    """What a variant holds whatever the activations: the interpreter and libraries (``base_gib``,
+    measured after imports), fp32 weights, the frozen copy (cast to the mixed-precision dtype, as
+    the trainer does), gradients and optimizer states of what trains (AdamW: two fp32 states;
+    8-bit AdamW: two uint8 states)."""
     w = 4 * params
     total = w
     if v.reference == "copy":
-        total += w // 2 if v.precision in ("bf16", "fp16") else w  # the trainer casts the copy to the weight dtype
+        total += w // 2 if v.precision in ("bf16", "fp16") else w
     trainable = params if v.train == "full" else lora_params
-    state = 2 if v.optimizer == "adamw8bit" else 8
-    total += trainable * (4 + state)
+    total += trainable * (4 + (2 if v.optimizer == "adamw8bit" else 8))
     if v.train == "full" and v.reference == "cached":
         total = max(total, 2 * w)  # the copy that computes the cache at setup
-    return base_gib + (total + act_bytes) / GIB
+    return base_gib + total / GIB
+
+
+def count_params(family: str) -> dict:
+    """Parameters of the published UNet and of its rank-8 LoRA, counted on the meta device (no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        unet = build_unet(family)
+    lora = sum(LORA_RANK * (m.in_features + m.out_features) for n, m in unet.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in LORA_TARGETS))
+    return {"params": param_count(unet), "lora": lora}
+
+
+def probe_kind(v: Variant) -> str:
+    """Activation memory depends on what trains (frozen linears save less), checkpointing and precision."""
+    return f"{v.train}{'+gc' if v.gc else ''}{'+' + v.precision if v.precision != 'no' else ''}"
+
+
+def activation_probe(family: str, kind: str, area_fraction: float = 0.25) -> dict:
+    """Activation bytes of one policy forward + backward on a pair (batch 2) at ``area_fraction``
+    of the latent area, from the rise of peak RSS in a fresh process (run it in a child), scaled
+    to the full area: what the step holds beyond weights, gradients and optimizer states. The
+    saved tensors of these UNets (convolutions, norms, flash attention on the CPU) grow linearly
+    with the latent area."""
+    import torch
+    from peft import LoraConfig
+
+    train, *flags = kind.split("+")
+    c, h, w = latent_shape(family)
+    scale = area_fraction ** 0.5
+    ph, pw = max(8, int(round(h * scale / 8)) * 8), max(8, int(round(w * scale / 8)) * 8)
+    unet = build_unet(family).train()
+    if train == "lora":
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+    if "gc" in flags:
+        unet.enable_gradient_checkpointing()
+    x = torch.randn(2, c, ph, pw)
+    cond = condition(family, 2)
+    predict = predictor(family)
+    grads = sum(p.numel() * 4 for p in unet.parameters() if p.requires_grad)
+    sampler = PeakSampler()
+    sampler.reset()
+    before = sampler.rss()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in flags)
+    with amp:
+        out = predict(unet, x, torch.tensor([500, 500]), cond)
+    out.float().pow(2).mean().backward()
+    time.sleep(0.05)
+    sampler.stop()
+    act = max(0, sampler.peak - before - grads)
+    return {"act_bytes": int(act * (h * w) / (ph * pw)), "probe_latent": [c, ph, pw],
+            "params": param_count(unet), "trainable": sum(p.numel() for p in unet.parameters() if p.requires_grad)}
 
 
 # ==================================================================== the measurement
@@ -382,21 +428,36 @@ def measure(family: str, variant: str, steps: int = 2, warmup: int = 1, reduced:
     (``steps`` timed each, no warm-up: the process is warm by then). Returns seconds, ratios,
     parameter counts and (via ``peak_fn``, or RSS on a CPU) the peak memory of the DPO phase."""
     import torch
+
+    v = Variant.parse(variant)
+    if unsupported_reason(family, v):
+        raise ValueError(f"{family} {variant}: {unsupported_reason(family, v)}")
+    threads = torch.get_num_threads()
+    if reduced and not torch.device(device).type == "cuda":
+        # tiny ops: with other processes on the cores, OpenMP threads spin at every barrier waiting for
+        # a preempted sibling, and a step of a tiny UNet takes seconds instead of milliseconds
+        torch.set_num_threads(1)
+    try:
+        return _measure(family, v, steps, warmup, reduced, device, floor_steps, sft_steps, seed, peak_fn)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(family, v, steps, warmup, reduced, device, floor_steps, sft_steps, seed, peak_fn) -> dict:
+    import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from peft import LoraConfig
 
-    from diffdpo.diffusion.logratios import draw_pairs, pair_errors, pair_inputs, pair_seed, per_sample_mse
     from diffdpo.diffusion.encode import repeat_for_pair
+    from diffdpo.diffusion.logratios import draw_pairs, pair_errors, pair_inputs, pair_seed
     from diffdpo.diffusion.objective import diffusion_dpo_step
     from diffdpo.diffusion.reference import (CachedReference, FrozenCopyReference, LoraDisabledReference,
                                              adapters_disabled, compute_reference_errors)
     from diffdpo.diffusion.trainer import TrainConfig, make_optimizer
     from diffdpo.losses import diffusion_beta
 
-    v = Variant.parse(variant)
-    if unsupported_reason(family, v):
-        raise ValueError(f"{family} {variant}: {unsupported_reason(family, v)}")
+    variant = v.name
     floor_steps = steps if floor_steps is None else floor_steps
     sft_steps = steps if sft_steps is None else sft_steps
     is_cuda = torch.device(device).type == "cuda"
@@ -419,11 +480,11 @@ def measure(family: str, variant: str, steps: int = 2, warmup: int = 1, reduced:
 
     scheduler = make_scheduler(family)
     predict = predictor(family)
-    shape = latent_shape(family, reduced)
+    shape = latent_shape(family, reduced, v.side)
     g = torch.Generator().manual_seed(seed + 7)
     w_lat = torch.randn(1, *shape, generator=g).to(device)
     l_lat = torch.randn(1, *shape, generator=g).to(device)
-    cond = condition(family, 1, reduced, device=device)
+    cond = condition(family, 1, reduced, device=device, side=v.side)
     indices = [0]
     draws = draw_pairs([pair_seed(seed, 0, None)], shape, 1000, 0.0, device=device)
 
@@ -456,7 +517,7 @@ def measure(family: str, variant: str, steps: int = 2, warmup: int = 1, reduced:
 
     def dpo_step(sft_only: bool = False):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with accelerator.autocast():
             out = diffusion_dpo_step(predict, unet, reference, scheduler, w_lat, l_lat, cond, draws, indices,
                                      "sigmoid", beta, sft_only=sft_only)
@@ -464,7 +525,7 @@ def measure(family: str, variant: str, steps: int = 2, warmup: int = 1, reduced:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
-        return time.perf_counter() - t0, out
+        return time.perf_counter() - t0, time.process_time() - c0, out
 
     # plain-torch inputs of the floor (the noising is part of neither timing)
     inputs = pair_inputs(scheduler, w_lat, l_lat, draws)
@@ -479,7 +540,7 @@ def measure(family: str, variant: str, steps: int = 2, warmup: int = 1, reduced:
         x, t, target = inputs.noisy[:n], inputs.timesteps[:n], inputs.target[:n]
         kw = unet_kwargs({k: val[:n] for k, val in cond2.items()})
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.autocast(**amp):
             pred = unet(x, t, **kw).sample
             loss = (pred.float() - target.float()).pow(2).mean()
@@ -497,52 +558,81 @@ def measure(family: str, variant: str, steps: int = 2, warmup: int = 1, reduced:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     before = _snapshot(unet)
+    # Warm-up DPO steps, then rounds of (DPO, floor, SFT, SFT floor): what else runs on the machine
+    # then weighs on every kind of step alike. The DPO phase's peak memory is read before any floor
+    # step has run (a fresh process: its own).
     if sampler:
         sampler.reset()
     if is_cuda:
         torch.cuda.reset_peak_memory_stats()
-    dpo_times, losses = [], []
-    for i in range(warmup + steps):
-        dt, out = dpo_step()
-        losses.append(out.loss.item())
-        if i >= warmup:
-            dpo_times.append(dt)
-    after = {k: p.detach() for k, p in unet.named_parameters() if k in before}
-    change = max(float((after[k].float() - before[k].float()).abs().max()) for k in before)
-    dpo_peak = peak_fn() if peak_fn else (torch.cuda.max_memory_allocated() if is_cuda else sampler.peak)
-    rss_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    if sampler:
-        sampler.reset()
-    floor_times = [floor_step() for _ in range(floor_steps)]
-    floor_peak = None if is_cuda else sampler.peak
-    sft_times = [dpo_step(sft_only=True)[0] for _ in range(sft_steps)]
-    sft_floor_times = [floor_step(winner_only=True) for _ in range(sft_steps)]
+    times = {"dpo": [], "floor": [], "sft": [], "sft_floor": []}
+    cpu = {k: [] for k in times}
+    losses = []
+    change = None
+    dpo_peak = floor_peak = None
+    rss_max = None
+    for i in range(warmup + max(steps, floor_steps, sft_steps)):
+        if i < warmup + steps:
+            dt, ct, out = dpo_step()
+            losses.append(out.loss.item())
+            if i >= warmup:
+                times["dpo"].append(dt)
+                cpu["dpo"].append(ct)
+        if i < warmup:
+            continue
+        if change is None:  # after the warm-up and the first timed DPO step
+            after = {k: p.detach() for k, p in unet.named_parameters() if k in before}
+            change = max(float((after[k].float() - before[k].float()).abs().max()) for k in before)
+            dpo_peak = peak_fn() if peak_fn else (torch.cuda.max_memory_allocated() if is_cuda else sampler.peak)
+            rss_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            if sampler:
+                sampler.reset()
+        r = i - warmup
+        if r < floor_steps:
+            dt, ct = floor_step()
+            times["floor"].append(dt)
+            cpu["floor"].append(ct)
+            floor_peak = None if is_cuda else max(floor_peak or 0, sampler.peak)
+        if r < sft_steps:
+            dt, ct, _ = dpo_step(sft_only=True)
+            times["sft"].append(dt)
+            cpu["sft"].append(ct)
+            dt, ct = floor_step(winner_only=True)
+            times["sft_floor"].append(dt)
+            cpu["sft_floor"].append(ct)
+    if change is None:  # no timed step at all
+        after = {k: p.detach() for k, p in unet.named_parameters() if k in before}
+        change = max(float((after[k].float() - before[k].float()).abs().max()) for k in before)
+        dpo_peak = peak_fn() if peak_fn else (torch.cuda.max_memory_allocated() if is_cuda else sampler.peak)
     if sampler:
         sampler.stop()
 
     def mean(xs):
         return sum(xs) / len(xs) if xs else None
 
-    dpo_s, floor_s, sft_s, sft_floor_s = mean(dpo_times), mean(floor_times), mean(sft_times), mean(sft_floor_times)
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    dpo_s, floor_s, sft_s, sft_floor_s = (mean(times[k]) for k in ("dpo", "floor", "sft", "sft_floor"))
+    dpo_c, floor_c, sft_c = (mean(cpu[k]) for k in ("dpo", "floor", "sft"))
     return {
         "family": family, "variant": variant, "status": "ok", "device": device, "reduced": reduced,
         "latent": list(shape), "params": params, "trainable_params": lora_params if v.train == "lora" else params,
         "attention_processors": attn, "setup_s": setup_s,
         "dpo_step_s": dpo_s, "sft_step_s": sft_s, "floor_step_s": floor_s, "sft_floor_step_s": sft_floor_s,
-        "dpo_over_floor": dpo_s / floor_s if dpo_s and floor_s else None,
-        "sft_over_floor": sft_s / floor_s if sft_s and floor_s else None,
-        "sft_over_sft_floor": sft_s / sft_floor_s if sft_s and sft_floor_s else None,
-        "dpo_step_times_s": dpo_times, "floor_step_times_s": floor_times,
+        "dpo_over_floor": ratio(dpo_s, floor_s), "sft_over_floor": ratio(sft_s, floor_s),
+        "sft_over_sft_floor": ratio(sft_s, sft_floor_s),
+        "dpo_over_floor_cpu": ratio(dpo_c, floor_c), "sft_over_floor_cpu": ratio(sft_c, floor_c),
+        "step_times_s": times, "step_cpu_s": cpu,
         "samples_per_s": 2 / dpo_s if dpo_s else None,
         "peak_dpo_bytes": int(dpo_peak), "peak_dpo_gib": dpo_peak / GIB,
         "peak_floor_gib": floor_peak / GIB if floor_peak else None,
-        "ru_maxrss_after_dpo_gib": rss_max / GIB if not is_cuda else None,
+        "ru_maxrss_after_dpo_gib": rss_max / GIB if rss_max and not is_cuda else None,
         "losses": losses, "param_change_after_dpo": change,
-        "timed_steps": {"warmup": warmup, "dpo": len(dpo_times), "floor": len(floor_times), "sft": len(sft_times)},
+        "timed_steps": {"warmup": warmup, **{k: len(x) for k, x in times.items()}},
     }
 
 
@@ -555,45 +645,58 @@ def child(args: list[str]) -> None:
     import torch
 
     torch.manual_seed(0)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = PeakSampler().rss()
     result = measure(**spec)
     result["rss_after_imports_gib"] = base / GIB
     print("BENCH " + json.dumps(result))
 
 
-def run_child(spec: dict, timeout: float | None = None) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"},
-                         timeout=timeout)
-    line = [x for x in out.stdout.splitlines() if x.startswith("BENCH ")]
-    if out.returncode or not line:
-        tail = (out.stderr or "")[-1500:]
-        return {"family": spec["family"], "variant": spec["variant"], "status": "failed",
-                "reason": f"exit {out.returncode}: {tail}"}
-    return json.loads(line[0][6:])
+def mem_available() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def _rss_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError):
+        return 0
+
+
+def run_child(argv: list[str], tag: str, limit_bytes: int | None = None) -> tuple[str, str, dict]:
+    """Run ``bench_full_size.py <argv>`` in a fresh interpreter; kill it (SIGKILL) when its RSS
+    passes ``limit_bytes``, before the machine's OOM killer picks some other process on a
+    shared machine. Returns ``(status, stderr_tail, {peak_rss_seen, killed_at_s})``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    out_path = Path(tempfile.mkstemp(prefix="bench_full_size_", suffix=".out")[1])
+    err_path = out_path.with_suffix(".err")
+    started, seen, killed = time.time(), 0, None
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, __file__, *argv], stdout=out, stderr=err, env=env)
+        while proc.poll() is None:
+            rss = _rss_of(proc.pid)
+            seen = max(seen, rss)
+            if limit_bytes and rss > limit_bytes and killed is None:
+                proc.kill()
+                killed = time.time() - started
+            time.sleep(0.25)
+    text, err_text = out_path.read_text(), err_path.read_text()
+    out_path.unlink(missing_ok=True)
+    err_path.unlink(missing_ok=True)
+    info = {"peak_rss_seen_gib": seen / GIB, "killed_at_s": killed}
+    line = [x for x in text.splitlines() if x.startswith(tag)]
+    if killed is not None:
+        return "exceeded", err_text[-800:], info
+    if proc.returncode or not line:
+        return f"exit {proc.returncode}", err_text[-1500:], info
+    return line[0][len(tag):], "", info
 
 
 def probe_child(args: list[str]) -> None:
-    """Parameter counts and probed activation bytes (no checkpointing, and with it) of a family."""
-    from peft import LoraConfig
-
-    family = args[0]
-    unet = build_unet(family)
-    out = {"params": param_count(unet), "act_bytes": saved_activation_bytes(unet, family, gc=False),
-           "act_bytes_gc": saved_activation_bytes(unet, family, gc=True)}
-    unet.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights="gaussian",
-                                target_modules=LORA_TARGETS))
-    out["lora_params"] = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
-    print("PROBE " + json.dumps(out))
-
-
-def probe(family: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--probe", family], capture_output=True,
-                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
-    line = [x for x in out.stdout.splitlines() if x.startswith("PROBE ")]
-    if out.returncode or not line:
-        raise RuntimeError(f"probe {family} failed:\n{out.stderr[-2000:]}")
-    return json.loads(line[0][6:])
+    print("PROBE " + json.dumps(activation_probe(args[0], args[1])))
 
 
 def fmt(x, spec=".1f", none="-"):
@@ -601,18 +704,19 @@ def fmt(x, spec=".1f", none="-"):
 
 
 def table(results: list[dict]) -> str:
-    head = ("| family | variant | DPO s/step | SFT s/step | floor s/step | DPO/floor | SFT/floor | peak RSS GiB "
-            "(DPO) | predicted GiB | status |")
+    head = ("| family | variant | DPO s/step | floor s/step | DPO/floor (wall; CPU time) | SFT s/step | SFT/floor | "
+            "peak RSS GiB (DPO) | predicted GiB | status |")
     lines = [head, "|" + "---|" * 10]
     for r in results:
         if r["status"] == "ok":
-            lines.append(f"| {r['family']} | {r['variant']} | {fmt(r['dpo_step_s'])} | {fmt(r['sft_step_s'])} | "
-                         f"{fmt(r['floor_step_s'])} | {fmt(r['dpo_over_floor'], '.3f')} | "
-                         f"{fmt(r['sft_over_floor'], '.3f')} | {fmt(r['peak_dpo_gib'], '.2f')} | "
-                         f"{fmt(r.get('predicted_gib'), '.1f')} | ok |")
+            lines.append(f"| {r['family']} | {r['variant']} | {fmt(r['dpo_step_s'])} | {fmt(r['floor_step_s'])} | "
+                         f"{fmt(r['dpo_over_floor'], '.2f')}; {fmt(r.get('dpo_over_floor_cpu'), '.2f')} | "
+                         f"{fmt(r['sft_step_s'])} | {fmt(r['sft_over_floor'], '.2f')} | "
+                         f"{fmt(r['peak_dpo_gib'], '.2f')} | {fmt(r.get('predicted_gib'), '.1f')} | ok |")
         else:
             lines.append(f"| {r['family']} | {r['variant']} | - | - | - | - | - | - | "
-                         f"{fmt(r.get('predicted_gib'), '.1f')} | {r['status']}: {r.get('reason', '')[:160]} |")
+                         f"{fmt(r.get('predicted_gib') or r.get('static_gib'), '.1f')} | {r['status']}: "
+                         f"{r.get('reason', '')[:220]} |")
     return "\n".join(lines)
 
 
@@ -693,57 +797,95 @@ def main(argv: list[str] | None = None) -> dict | None:
     family_steps = {k: int(n) for k, n in (x.split("=") for x in args.family_steps)}
     plan = ([(f, n) for f in args.families for n in args.variants] if args.variants
             else [(f, n) for f, n in DEFAULT_PLAN if f in args.families])
+    fitted: dict[tuple[str, str], int] = {}  # (family, variant without @side) -> the side that fit
+
+    def save():
+        if args.json:  # written as the run goes: a long run keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1))
+
+    def add(row: dict, status: str, reason: str = "") -> None:
+        report["results"].append({**row, "status": status, "reason": reason})
+        print(f"{row['family']:9s} {row['variant']:34s} {status}: {reason}", flush=True)
+        save()
+
     for family, name in plan:
         v = Variant.parse(name)
         row = {"family": family, "variant": name}
         if (family, name) in done:
             report["results"].append(done[(family, name)])
-            print(f"{family:9s} {name:32s} kept from {args.json}", flush=True)
+            if v.side:
+                fitted.setdefault((family, v.base), v.side)
+            print(f"{family:9s} {name:34s} kept from {args.json}", flush=True)
+            continue
+        if v.side and (family, v.base) in fitted:
+            add(row, "skipped", f"a larger image side ({fitted[(family, v.base)]}) fit")
             continue
         if args.budget_s is not None and time.time() - started > args.budget_s:
-            report["results"].append({**row, "status": "skipped",
-                                      "reason": f"time budget ({args.budget_s:.0f} s) spent"})
-            print(f"{family:9s} {name:32s} skipped (time budget)", flush=True)
+            add(row, "skipped", f"time budget ({args.budget_s:.0f} s) spent")
             continue
         reason = unsupported_reason(family, v)
         if reason:
-            report["results"].append({**row, "status": "unsupported", "reason": reason})
-            print(f"{family:9s} {name:32s} unsupported: {reason}", flush=True)
+            add(row, "unsupported", reason)
             continue
         reason = gpu_only_reason(v)
         if reason:
-            report["results"].append({**row, "status": "GPU only" if reason.startswith("GPU") else "not run",
-                                      "reason": reason})
-            print(f"{family:9s} {name:32s} {report['results'][-1]['status']}: {reason}", flush=True)
+            add(row, "GPU only" if reason.startswith("GPU") else "not run", reason)
             continue
+        limit = None
         if not args.reduced:
-            if family not in report["probes"]:
-                report["probes"][family] = probe(family)
-            pr = report["probes"][family]
-            act = pr["act_bytes_gc"] if v.gc else pr["act_bytes"]
-            row["predicted_gib"] = predicted_peak_gib(pr["params"], pr["lora_params"], v, act)
-            if row["predicted_gib"] > args.max_gib:
-                report["results"].append({**row, "status": "skipped", "reason": (
-                    f"predicted peak {row['predicted_gib']:.1f} GiB > {args.max_gib:.0f} GiB "
-                    f"({pr['params'] / 1e9:.2f}B params; activations {act / GIB:.1f} GiB)")})
-                print(f"{family:9s} {name:32s} skipped ({row['predicted_gib']:.1f} GiB predicted)", flush=True)
+            # the limit: --max-gib, or what the machine has free now (it is shared), less 1 GiB
+            limit = min(args.max_gib * GIB, mem_available() - GIB)
+            row["limit_gib"] = limit / GIB
+            fam_params = report["probes"].get(f"{family}:params")
+            if fam_params is None:
+                fam_params = report["probes"][f"{family}:params"] = count_params(family)
+            static = static_gib(fam_params["params"], fam_params["lora"], v)
+            row["static_gib"] = static
+            if static * GIB > limit:
+                add(row, "skipped", f"static memory alone (weights, copy, grads, optimizer states) {static:.1f} GiB "
+                                    f"> limit {limit / GIB:.1f} GiB")
+                continue
+            key = f"{family}:{probe_kind(v)}"  # at the family's own size; other image sides scale by area
+            if key not in report["probes"]:
+                status, err, _ = run_child(["--probe", family, probe_kind(v)], "PROBE ", limit)
+                if status == "exceeded" or status.startswith("exit"):
+                    add(row, "skipped", f"the activation probe at a quarter of the area already passed the limit "
+                                        f"({status})")
+                    continue
+                report["probes"][key] = json.loads(status)
+            act = report["probes"][key]["act_bytes"]
+            if v.side:
+                full = FAMILIES[family].latent
+                act = act * (v.side // 8) ** 2 / (full[1] * full[2])
+            row["predicted_gib"] = static + act / GIB
+            if row["predicted_gib"] * GIB > limit:
+                add(row, "skipped", f"predicted peak {row['predicted_gib']:.1f} GiB (static {static:.1f} + "
+                                    f"activations {act / GIB:.1f}) > limit {limit / GIB:.1f} GiB")
                 continue
         steps = family_steps.get(family, args.steps)
         spec = {"family": family, "variant": name, "steps": steps, "warmup": args.warmup,
                 "reduced": args.reduced, "sft_steps": 0 if family in args.no_sft else steps}
         t0 = time.time()
-        res = {**run_child(spec), **{k: v_ for k, v_ in row.items() if k == "predicted_gib"}}
+        load0 = os.getloadavg()[0]
+        status, err, info = run_child(["--child", json.dumps(spec)], "BENCH ", int(limit) if limit else None)
+        if status == "exceeded":
+            add({**row, **info}, "exceeded", f"RSS passed the limit {limit / GIB:.1f} GiB after "
+                                             f"{info['killed_at_s']:.0f} s; killed by the bench")
+            continue
+        if status.startswith("exit"):
+            add({**row, **info}, "failed", f"{status}: {err}")
+            continue
+        res = {**json.loads(status), **{k: x for k, x in row.items() if k not in ("family", "variant")}, **info}
         res["wall_s"] = time.time() - t0
+        res["loadavg_1min"] = [load0, os.getloadavg()[0]]
         report["results"].append(res)
-        if res["status"] == "ok":
-            print(f"{family:9s} {name:32s} DPO {res['dpo_step_s']:8.2f}s  floor {res['floor_step_s']:8.2f}s  "
-                  f"x{res['dpo_over_floor']:.3f}  SFT {res['sft_step_s']:7.2f}s  peak {res['peak_dpo_gib']:6.2f} "
-                  f"GiB  ({res['wall_s']:.0f}s wall)", flush=True)
-        else:
-            print(f"{family:9s} {name:32s} FAILED {res['reason'][-400:]}", flush=True)
-        if args.json:  # write as we go: a long run keeps what it measured
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=1))
+        if v.side:
+            fitted.setdefault((family, v.base), v.side)
+        print(f"{family:9s} {name:34s} DPO {res['dpo_step_s']:8.2f}s  floor {res['floor_step_s']:8.2f}s  "
+              f"x{res['dpo_over_floor']:.3f} (cpu x{res['dpo_over_floor_cpu']:.3f})  SFT {fmt(res['sft_step_s'], '.2f')}s"
+              f"  peak {res['peak_dpo_gib']:6.2f} GiB  ({res['wall_s']:.0f}s wall, load {load0:.1f})", flush=True)
+        save()
     report["lora_disabled_vs_copy"] = lora_disabled_vs_copy(report["results"])
     report["total_wall_s"] = time.time() - started
     md = table(report["results"])

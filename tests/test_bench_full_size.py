@@ -134,10 +134,15 @@ def test_unsupported_and_oversized_variants_are_named_not_run():
         bfs.Variant.parse("full+lora_disabled")
     assert "add_adapter" in bfs.unsupported_reason("audioldm2", bfs.Variant.parse("lora+copy"))
     assert bfs.unsupported_reason("audioldm2", bfs.Variant.parse("full+copy")) is None
+    assert "gradient checkpointing" in bfs.unsupported_reason("audioldm2", bfs.Variant.parse("full+copy+gc"))
     # SDXL's 2.57B-parameter UNet, fully fine-tuned with a frozen copy: weights x2 + grads + AdamW
-    # states alone are about 48 GiB, before any activation
-    assert bfs.predicted_peak_gib(2_567_463_684, 0, bfs.Variant.parse("full+copy"), 0) > 22
-    assert bfs.predicted_peak_gib(2_567_463_684, 0, bfs.Variant.parse("lora+lora_disabled"), 0) < 22
+    # states alone are about 48 GiB, before any activation; the same with LoRA is its weights
+    counts = bfs.count_params("sdxl")
+    assert counts["params"] == 2_567_463_684 and 0 < counts["lora"] < counts["params"] // 100
+    assert bfs.static_gib(counts["params"], counts["lora"], bfs.Variant.parse("full+copy")) > 22
+    assert bfs.static_gib(counts["params"], counts["lora"], bfs.Variant.parse("lora+lora_disabled")) < 12
+    v = bfs.Variant.parse("lora+lora_disabled+gc@512")
+    assert v.side == 512 and v.base == "lora+lora_disabled+gc" and bfs.latent_shape("sdxl", side=512) == (4, 64, 64)
 
 
 def test_gpu_check_cpu_reduced_writes_its_table(tmp_path):
