@@ -25,6 +25,17 @@ RESULT_KEYS = {"family", "variant", "status", "dpo_step_s", "sft_step_s", "floor
                "sft_over_floor", "peak_dpo_gib", "params", "trainable_params", "param_change_after_dpo", "losses"}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """The benches run accelerate in-process here, with mixed precision in some variants; its state is
+    process-wide, so reset it for the tests that come after (an Accelerator with another precision
+    would refuse to start)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _positive(x) -> bool:
     return isinstance(x, float) and math.isfinite(x) and x > 0
 

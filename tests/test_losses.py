@@ -337,9 +337,9 @@ def test_registry_cli_and_readme_list_the_same_names():
     cli_names = {line.split()[0] for line in listed.stdout.splitlines() if line.strip()}
     assert cli_names == set(LOSS_TYPES)
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## The loss core", 1)[1].split("\n## ", 1)[0]
+    table = readme.split("<!-- loss-table", 1)[1].split("<!-- /loss-table -->", 1)[0]
     for name in LOSS_TYPES:
-        assert re.search(rf"\b{name}\b", section), f"README's loss-core section does not mention {name}"
+        assert f"| `{name}` |" in table, f"README's loss table does not list {name}"
     out = subprocess.run([sys.executable, "-c", "from diffdpo.losses import LOSS_TYPES; print(sorted(LOSS_TYPES))"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(sorted(LOSS_TYPES))

@@ -20,7 +20,9 @@ layouts, so the command runs as written:
   tokenizer with a chat template (``diffdpo.llm.tiny``);
 * ``data/audio-alpaca``, ``data/pickapic_v2``: 4 rows each in the published schema and shard names
   (``tests/fixtures/datasets/audio_alpaca.yaml``, ``pickapic_v2.yaml``);
-* ``data/pairs/{train,test}.parquet``: TRL-layout text pairs (conversational, implicit prompt);
+* ``data/ultrafeedback_binarized/data/{train,test}_prefs-00000-of-00001.parquet``: text pairs in
+  ``HuggingFaceH4/ultrafeedback_binarized``'s layout (``prompt`` text, ``chosen``/``rejected`` whole
+  conversations, ids, scores and ``messages`` beside them);
 * ``captions.txt``: four AudioCaps-style captions;
 * the evaluation inputs: ``samples/{base,tuned}/`` (two models' audio), ``data/audiocaps-test/``
   (reference clips), ``prompts.jsonl`` (id, prompt), ``samples/{sd15,sd15-dpo}/`` (two models' images);
@@ -233,7 +235,7 @@ def build_workspace(root: str | Path) -> Workspace:
     (root / "captions.txt").write_text("\n".join(CAPTIONS) + "\n")
     _audio_alpaca(root / "data" / "audio-alpaca")
     _pickapic(root / "data" / "pickapic_v2")
-    _text_pairs(root / "data" / "pairs")
+    _text_pairs(root / "data" / "ultrafeedback_binarized" / "data")
     _eval_media(root)
     shutil.rmtree(scratch)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "PYTEST_"))}
@@ -334,8 +336,8 @@ def _pickapic(root: Path) -> None:
 
 
 def _text_pairs(root: Path) -> None:
-    """TRL's conversational preference layout with an implicit prompt: ``chosen`` and ``rejected`` are
-    whole conversations sharing their user turn (plus a score column the importer ignores)."""
+    """UltraFeedback-binarized's layout: ``prompt`` text, ``chosen`` and ``rejected`` whole conversations
+    sharing the user turn, plus ``prompt_id``, ``messages`` and scores, which the importer ignores."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -346,9 +348,10 @@ def _text_pairs(root: Path) -> None:
           ("what sat on the mat", "the cat sat on the mat", "a dog ran"), ("is it red", "no it is blue", "yes")]
     root.mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", qa), ("test", qa[:2])):
-        table = [{"chosen": conv(q, good), "rejected": conv(q, bad), "score_chosen": 8.0, "score_rejected": 2.0}
-                 for q, good, bad in rows]
-        pq.write_table(pa.Table.from_pylist(table), root / f"{split}.parquet")
+        table = [{"prompt": q, "prompt_id": f"{split}{i}", "chosen": conv(q, good), "rejected": conv(q, bad),
+                  "messages": conv(q, good), "score_chosen": 8.0, "score_rejected": 2.0}
+                 for i, (q, good, bad) in enumerate(rows)]
+        pq.write_table(pa.Table.from_pylist(table), root / f"{split}_prefs-00000-of-00001.parquet")
 
 
 def _eval_media(root: Path) -> None:
