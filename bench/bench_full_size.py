@@ -19,25 +19,33 @@ implementation must: policy forward + backward on both halves, the reference for
 SFT/floor say what the toolkit costs on top (SFT/floor is below 1: it skips the losers and the
 reference).
 
-Variants are ``<train>+<reference>[+gc][+bf16|+fp16][+adamw8bit]``: train ``full`` (AdamW over
-every UNet weight, states included) or ``lora`` (peft rank 8 on to_q/to_k/to_v/to_out.0, as the
-diffusers example); reference ``copy`` (frozen deep copy), ``lora_disabled`` (LoRA only) or
-``cached`` (errors computed once, no reference forward in the step); ``gc`` = gradient
-checkpointing; ``bf16``/``fp16`` = mixed precision through accelerate; ``adamw8bit`` =
-bitsandbytes' 8-bit AdamW. Every variant runs in a fresh interpreter so its peak RSS is its own;
-a variant whose predicted peak (weights, copies, gradients, optimizer states, and the activation
-bytes a forward saves, probed at a quarter of the latent area and scaled) exceeds ``--max-gib`` is
-skipped and says so.
+Variants are ``<train>+<reference>[+gc][+bf16|+fp16][+adamw8bit][@side]``: train ``full``
+(AdamW over every UNet weight, states included) or ``lora`` (peft rank 8 on
+to_q/to_k/to_v/to_out.0, as the diffusers example); reference ``copy`` (frozen deep copy),
+``lora_disabled`` (LoRA only) or ``cached`` (errors computed once, no reference forward in the
+step); ``gc`` = gradient checkpointing; ``bf16``/``fp16`` = mixed precision through accelerate;
+``adamw8bit`` = bitsandbytes' 8-bit AdamW; ``@512`` = another image side (SD1.5/SDXL).
+
+After one warm-up DPO step, rounds of (DPO, floor, SFT, SFT floor) steps are timed, interleaved so
+that other jobs on a shared machine weigh on every kind alike; wall and CPU seconds are both kept.
+Every variant runs in a fresh interpreter so its peak RSS is its own. Memory limit:
+``min(--max-gib, MemAvailable - 1 GiB)`` when the variant starts. A variant is skipped when its
+static memory (weights, frozen copy, gradients, optimizer states) or that plus its probed
+activations (peak-RSS rise of one forward + backward at a quarter of the latent area, in its own
+process, scaled up) passes the limit; one that passes it while running is killed by the bench
+(before the kernel's OOM killer picks some other process) and listed as "exceeded".
 
     flock /tmp/diffdpo-bench.lock .venv/bin/python bench/bench_full_size.py \\
         [--families sd15 tango] [--variants full+copy lora+lora_disabled] [--steps 2] \\
+        [--family-steps sdxl=1] [--no-sft sdxl] [--budget-s 4200] [--resume] \\
         [--reduced] [--json out.json] [--md out.md]
+
+Measured on this project's 2-core machine: ``docs/results/bench_full_size_cpu.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -48,7 +56,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
