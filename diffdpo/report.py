@@ -256,13 +256,13 @@ def render_examples(examples: list, out_dir: Path, files_dir: str = "report_file
     return "<h2>Examples</h2>" + "".join(blocks)
 
 
-def render_html(results: dict, out_dir: Path) -> str:
+def render_html(results: dict, out_dir: Path, files_dir: str = "report_files") -> str:
     title = _e(results.get("title") or "Report")
     sections = [f"<h1>{title}</h1>"]
     if results.get("summary"):
         sections += [f"<p>{_e(p.strip())}</p>" for p in str(results["summary"]).split("\n\n") if p.strip()]
     sections += [render_table(results.get("table") or []), render_curves(results.get("curves") or {}),
-                 render_examples(results.get("examples") or [], out_dir)]
+                 render_examples(results.get("examples") or [], out_dir, files_dir)]
     if results.get("settings"):
         text = json.dumps(results["settings"], indent=2, default=str, ensure_ascii=False)
         sections.append(f"<details><summary>Settings</summary><pre>{_e(text)}</pre></details>")
@@ -271,10 +271,10 @@ def render_html(results: dict, out_dir: Path) -> str:
             f'<body>\n{chr(10).join(s for s in sections if s)}\n</body></html>\n')
 
 
-def write_report(results: dict, out_dir: Path) -> Path:
-    """Write ``out_dir/report.html`` (spectrograms under ``out_dir/report_files/``); return its path."""
+def write_report(results: dict, out_dir: Path, name: str = "report") -> Path:
+    """Write ``out_dir/<name>.html`` (spectrograms under ``out_dir/<name>_files/``); return its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "report.html"
-    path.write_text(render_html(results, out_dir), encoding="utf-8")
+    path = out_dir / f"{name}.html"
+    path.write_text(render_html(results, out_dir, f"{name}_files"), encoding="utf-8")
     return path

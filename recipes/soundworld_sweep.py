@@ -20,7 +20,7 @@ from pathlib import Path
 
 from diffdpo.config import from_dict, load_config, merge, run_main, to_dict
 from diffdpo.errors import ConfigError
-from diffdpo.worlds.soundworld.demo import DemoConfig, EvalSettings, evaluate_pipeline, mean_interval
+from diffdpo.worlds.soundworld.demo import DemoConfig, EvalSettings, evaluate_pipeline, mean_interval, split_suffix
 
 
 @dataclass
@@ -102,14 +102,14 @@ def main(argv: list[str] | None = None) -> dict:
     run_configs = _run_configs(cfg, demo, demo_dir, base_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    key = lambda e: (e.captions, e.steps, e.guidance, e.seed)
+    key = lambda e: (e.split, e.captions, e.steps, e.guidance, e.seed)
     # the demo's own settings reuse its base evaluation; others (e.g. more captions, for tighter
     # intervals) evaluate the base here, in folders named by those settings
-    tag = "" if key(ev) == key(demo.evaluate) else "_{}c_{}s_g{}_seed{}".format(*key(ev))
-    scenes, _ = clips(demo.data_seed, "test", ev.captions)
+    tag = "" if key(ev) == key(demo.evaluate) else "_{}_{}c_{}s_g{}_seed{}".format(*key(ev))
+    scenes, _ = clips(demo.data_seed, ev.split, ev.captions)
     oracle, clap = Oracle.from_pretrained(), SoundWorldClap()
     base = evaluate_pipeline(lambda: TangoPipeline.from_pretrained(base_dir),
-                             (out / f"base_eval{tag}") if tag else demo_dir / "eval" / "base",
+                             (out / f"base_eval{tag}") if tag else demo_dir / f"eval{split_suffix(ev.split)}" / "base",
                              scenes, oracle, clap, ev, "base", base_dir)
     table = []
     for name, overrides in cfg.runs.items():

@@ -143,8 +143,40 @@ def test_results_table_against_hand_numbers():
     assert table["satisfied"]["models"]["base"]["mean"] == 0.5 and table["satisfied"]["models"]["dpo"]["mean"] == 0.75
     assert table["satisfied"]["deltas"]["dpo - base"]["mean"] == pytest.approx(0.25)
     assert table["order_correct"]["n"] == 2 and table["order_correct"]["models"]["dpo"]["mean"] == 1.0
+    assert table["single_event"]["n"] == 2 and table["single_event"]["models"]["base"]["mean"] == 1.0
     assert table["fad"]["models"]["base"]["mean"] == pytest.approx(frechet_distance(ref, evals["base"]["embeddings"]))
     assert set(table["satisfied"]["deltas"]) == {"dpo - base"}
+
+
+def test_validation_split_reuses_the_models_and_keeps_the_test_files(demo, monkeypatch):
+    """Settings are chosen on validation captions: the same pairs and models, evaluated on other
+    captions into their own files, the test split's untouched; training captions are refused."""
+    import dataclasses
+    from pathlib import Path
+
+    from diffdpo.diffusion import trainer
+    from diffdpo.errors import ConfigError
+    from diffdpo.worlds.soundworld.dataset import clips
+    from diffdpo.worlds.soundworld.demo import DemoConfig, EvalSettings, run_demo
+
+    cfg, results = demo
+    out = Path(cfg.out)
+    test_rows = (out / "eval" / "base" / "rows.json").read_text()
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    val = run_demo(dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, split="validation")))
+    rows = json.loads((out / "eval_validation" / "base" / "rows.json").read_text())
+    want, _ = clips(cfg.data_seed, "validation", cfg.evaluate.captions)
+    test, _ = clips(cfg.data_seed, "test", cfg.evaluate.captions)
+    assert rows["settings"]["captions"] == [s.caption for s in want] != [s.caption for s in test]
+    assert (out / "eval" / "base" / "rows.json").read_text() == test_rows
+    assert json.loads((out / "results.json").read_text())["table"] == json.loads(json.dumps(results["table"]))
+    assert json.loads((out / "results_validation.json").read_text())["table"] == json.loads(json.dumps(val["table"]))
+    assert (out / "report_validation.html").is_file()
+    assert all(rel.startswith("eval_validation/") for ex in val["examples"] for rel in ex["media"].values())
+    with pytest.raises(ConfigError, match="evaluate.split"):
+        from_dict(DemoConfig, {"evaluate": {"split": "train"}})
+    assert EvalSettings().split == "test"
+    assert run_demo(cfg)["table"] == results["table"]  # back to the test split: read back, demo_config.yaml restored
 
 
 def test_recipe_yaml_is_the_command_default():
@@ -188,5 +220,5 @@ def test_sweep_evaluates_checkpoints_against_the_demos_base(demo, tmp_path):
     other = soundworld_sweep.main([f"demo={cfg.out}", f"out={tmp_path / 'sweep'}", "steps=[2]", "runs={dpo: {}}",
                                    f"evaluate.captions={fewer}"])
     assert other["table"][0]["oracle_satisfied"]["n"] == fewer
-    assert (tmp_path / "sweep" / f"base_eval_{fewer}c_2s_g3.0_seed1234" / "rows.json").is_file()
-    assert (tmp_path / "sweep" / "dpo" / f"eval_{fewer}c_2s_g3.0_seed1234" / "step_2" / "rows.json").is_file()
+    assert (tmp_path / "sweep" / f"base_eval_test_{fewer}c_2s_g3.0_seed1234" / "rows.json").is_file()
+    assert (tmp_path / "sweep" / "dpo" / f"eval_test_{fewer}c_2s_g3.0_seed1234" / "step_2" / "rows.json").is_file()

@@ -15,6 +15,10 @@
 5. **report**: ``results.json`` (every number with its N and settings, and the oracle's audit of
    the pairs: how often a winner really is the better sample) and ``report.html``.
 
+``evaluate.split=validation`` evaluates on validation captions instead, into ``eval_validation/``,
+``results_validation.json`` and ``report_validation.html``, reusing the same pairs and models: settings
+are chosen there, and the test split is run once with the chosen ones (docs/soundworld.md).
+
 Every stage writes its output once (atomically) and is skipped when it is there, so a run that
 stopped resumes at the stage it was in (the preference builder also shard by shard). A stage's
 output records the settings it was made with; rerunning into the same ``out`` with other
@@ -35,6 +39,7 @@ import numpy as np
 
 from diffdpo.config import from_dict, load_config, merge, save_config, to_dict
 from diffdpo.data.records import write_json_atomic
+from diffdpo.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +65,19 @@ DEFAULT_DPO = {
 
 @dataclass
 class EvalSettings:
-    captions: int = field(default=200, metadata={"help": "held-out test captions (one sample each per model)"})
+    captions: int = field(default=200, metadata={"help": "held-out captions (one sample each per model)"})
+    split: str = field(default="test", metadata={
+        "help": "held-out split: validation (choosing settings) or test (the pre-registered run, once)"})
     steps: int = field(default=10, metadata={"help": "DDIM steps"})
     guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance scale"})
     seed: int = field(default=1234, metadata={"help": "caption i uses noise seed + i, for every model"})
     batch_size: int = 64
     examples: int = field(default=6, metadata={"help": "captions whose audio goes into the report"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the intervals"})
+
+    def __post_init__(self):
+        if self.split not in ("validation", "test"):  # the training split is what the pairs come from
+            raise ConfigError(f"evaluate.split: expected validation or test, got {self.split!r}", ["evaluate.split"])
 
 
 @dataclass
@@ -145,12 +156,18 @@ def _model_dir(cfg: DemoConfig, out: Path, name: str) -> str:
     return str(out / name / "final")
 
 
+def split_suffix(split: str) -> str:
+    """"" for the test split (the demo's files as they always were), "_validation" otherwise."""
+    return "" if split == "test" else f"_{split}"
+
+
 def evaluate_model(cfg: DemoConfig, out: Path, name: str, scenes, oracle, clap) -> dict:
-    """Generate the test captions with one model and judge every clip; cached in ``eval/<name>``."""
+    """Generate the held-out captions with one model and judge every clip; cached in ``eval<suffix>/<name>``."""
     from diffdpo.diffusion.tango.pipeline import TangoPipeline
 
     model_dir = _model_dir(cfg, out, name)
-    return evaluate_pipeline(lambda: TangoPipeline.from_pretrained(model_dir), out / "eval" / name, scenes,
+    folder = out / f"eval{split_suffix(cfg.evaluate.split)}" / name
+    return evaluate_pipeline(lambda: TangoPipeline.from_pretrained(model_dir), folder, scenes,
                              oracle, clap, cfg.evaluate, f"evaluate {name}", model_dir)
 
 
@@ -220,12 +237,13 @@ def audit_pairs(prefs_dir: Path, oracle) -> dict:
 
 # ------------------------------------------------------------------ numbers
 
-METRICS = (  # (key, label, row filter, higher is better)
-    ("satisfied", "oracle: caption satisfied (right events, right order)", None, True),
-    ("order_correct", "oracle: right order (2-3 event sequences)", "sequence", True),
-    ("events_exact", "oracle: right events, any order", None, True),
-    ("presence_f1", "oracle: event presence F1", None, True),
-    ("clap", "CLAP score (SoundWorld CLAP cosine, the proxy)", None, True),
+METRICS = (  # (table key, row field, label, scene kind filter, higher is better)
+    ("satisfied", "satisfied", "oracle: caption satisfied (right events, right order)", None, True),
+    ("order_correct", "order_correct", "oracle: right order (2-3 event sequences)", "sequence", True),
+    ("single_event", "events_exact", "oracle: single-event accuracy (one-event captions)", "single", True),
+    ("events_exact", "events_exact", "oracle: right events, any order", None, True),
+    ("presence_f1", "presence_f1", "oracle: event presence F1", None, True),
+    ("clap", "clap", "CLAP score (SoundWorld CLAP cosine, the proxy)", None, True),
 )
 
 
@@ -242,11 +260,11 @@ def results_table(evals: dict[str, dict], scenes, reference: np.ndarray, n_resam
     from diffdpo.metrics.stats import bootstrap_ci
 
     table = []
-    for key, label, kind, higher in METRICS:
+    for key, row_field, label, kind, higher in METRICS:
         idx = np.array([i for i, s in enumerate(scenes) if kind is None or s.kind == kind])
         if len(idx) < 2:
             continue
-        vals = {m: np.array([float(e["rows"][i][key]) for i in idx]) for m, e in evals.items()}
+        vals = {m: np.array([float(e["rows"][i][row_field]) for i in idx]) for m, e in evals.items()}
         table.append({"metric": label, "key": key, "n": int(len(idx)), "higher_is_better": higher,
                       "models": {m: mean_interval(v, n_resamples) for m, v in vals.items()},
                       "deltas": {f"{a} - {b}": mean_interval(vals[a] - vals[b], n_resamples)
@@ -311,7 +329,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.sft_baseline:
         runs["sft"] = stage("sft", train_model, cfg, out, "sft")
 
-    scenes, real_audio = clips(cfg.data_seed, "test", cfg.evaluate.captions)
+    scenes, real_audio = clips(cfg.data_seed, cfg.evaluate.split, cfg.evaluate.captions)
     oracle, clap = Oracle.from_pretrained(), SoundWorldClap()
     evals = {m: stage(f"evaluate {m}", evaluate_model, cfg, out, m, scenes, oracle, clap)
              for m in ("base", *runs)}
@@ -319,14 +337,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     reference = clap.embed_audio(list(real_audio)).double().numpy()
     table = results_table(evals, scenes, reference, cfg.evaluate.bootstrap)
 
-    examples = []
+    examples, suffix = [], split_suffix(cfg.evaluate.split)
     for i in example_indices(scenes, cfg.evaluate.examples):
         verdict = {}
         for m, e in evals.items():
             r = e["rows"][i]
             verdict[m] = (", ".join(r["detected"]) or "nothing") + ("" if r["satisfied"] else "  (not satisfied)")
         examples.append({"caption": scenes[i].caption, "seed": cfg.evaluate.seed + i,
-                         "media": {m: f"eval/{m}/audio/{i:04d}.wav" for m in evals}, "verdict": verdict})
+                         "media": {m: f"eval{suffix}/{m}/audio/{i:04d}.wav" for m in evals}, "verdict": verdict})
     results = {
         "title": "SoundWorld demo: Diffusion-DPO vs base" + (" vs SFT on winners" if "sft" in runs else "")
                  + ", judged by the oracle",
@@ -342,17 +360,17 @@ def run_demo(cfg: DemoConfig) -> dict:
                      "pairs": {name: r["pairs"] for name, r in runs.items()},
                      "models": {m: _model_dir(cfg, out, m) for m in evals},
                      "evaluation": {**asdict(cfg.evaluate), "oracle": "SoundWorld oracle (weights/oracle)",
-                                    "clap": clap.checkpoint_id, "test_split_seed": cfg.data_seed},
+                                    "clap": clap.checkpoint_id, "split_seed": cfg.data_seed},
                      "seconds": {**timings, "total": round(time.time() - started, 1)}},
     }
     save_config(cfg, out / "demo_config.yaml")  # what made results.json (the sweep reads it)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    html = write_report(results, out)
-    print_summary(table, audit, out, html, timings)
+    (out / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
+    html = write_report(results, out, f"report{suffix}")
+    print_summary(table, audit, out / f"results{suffix}.json", html, timings)
     return results
 
 
-def print_summary(table: list[dict], audit: dict, out: Path, html: Path, timings: dict) -> None:
+def print_summary(table: list[dict], audit: dict, results: Path, html: Path, timings: dict) -> None:
     models = list(table[0]["models"])
     deltas = list(table[0]["deltas"])
     print(f"\n{'metric':58s}" + "".join(f"{m:>9s}" for m in models) + "".join(f"{d:>26s}" for d in deltas))
@@ -365,7 +383,7 @@ def print_summary(table: list[dict], audit: dict, out: Path, html: Path, timings
     print("\nthe oracle on the pairs: winner satisfies its caption and the loser not / the reverse / tie")
     for name, a in audit.items():
         print(f"  {name:13s} {a['pairs']:4d} pairs  {a['winner_only']:.2f} / {a['loser_only']:.2f} / {a['tie']:.2f}")
-    print(f"\nstage seconds: {timings}\nresults: {out / 'results.json'}\nreport:  {html}")
+    print(f"\nstage seconds: {timings}\nresults: {results}\nreport:  {html}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
