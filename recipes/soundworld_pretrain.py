@@ -82,6 +82,9 @@ class PretrainConfig:
     generator_init: str = field(default="", metadata={
         "help": "a saved SoundWorld generator to continue training (its tokenizer and VAE are kept, not "
                 "retrained; UNet and text encoder start from its weights); empty = from scratch"})
+    vae_init: str = field(default="", metadata={
+        "help": "a saved SoundWorld generator whose VAE (and latent shift/scale) is reused, frozen; tokenizer, "
+                "text encoder and UNet start from scratch: two bases that differ only in their captions"})
     data: DataConfig = field(default_factory=DataConfig)
     oracle_arch: OracleArch = field(default_factory=OracleArch)
     oracle: OracleTrainConfig = field(default_factory=OracleTrainConfig)
@@ -99,6 +102,8 @@ class PretrainConfig:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; valid: {list(STAGES)}")
+        if self.generator_init and self.vae_init:
+            raise ValueError("generator_init and vae_init: give one (a continued generator keeps its own VAE)")
 
 
 def git_commit() -> str:
@@ -191,11 +196,17 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
         latents = encode_mels(vae, mels)
         vae_metrics = {"kept_from": str(cfg.generator_init)}
     else:
-        vae = build_vae(acfg.n_mels, cfg.arch)
-        vae_metrics = train_vae(vae, mels, cfg.vae, seed=cfg.seed, log=log)
-        latents = encode_mels(vae, mels)
-        shift, scale = latents.mean().item(), 1.0 / latents.std().item()
-        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+        if cfg.vae_init:
+            vae = TangoPipeline.from_pretrained(cfg.vae_init).vae
+            shift, scale = float(vae.config.shift_factor), float(vae.config.scaling_factor)
+            latents = encode_mels(vae, mels)
+            vae_metrics = {"kept_from": str(cfg.vae_init)}
+        else:
+            vae = build_vae(acfg.n_mels, cfg.arch)
+            vae_metrics = train_vae(vae, mels, cfg.vae, seed=cfg.seed, log=log)
+            latents = encode_mels(vae, mels)
+            shift, scale = latents.mean().item(), 1.0 / latents.std().item()
+            vae.register_to_config(shift_factor=shift, scaling_factor=scale)
         # every phrase of every event, so no word a template can produce is missing from the vocabulary
         phrases = [p for e in EVENTS.values() for p in (*e.sentences, *e.nouns)]
         # with weak captions the clean wording joins the vocabulary (held-out captions are clean)
@@ -236,6 +247,10 @@ def stage_generator(cfg: PretrainConfig, out: Path, work: Path, log) -> dict:
     earlier = Path(cfg.generator_init).parent / "MANIFEST.json"
     if cfg.generator_init and earlier.exists():  # keep how the starting point was made
         metrics["continued_from"] = json.loads(earlier.read_text()).get("generator")
+    vae_source = Path(cfg.vae_init).parent / "MANIFEST.json"
+    if cfg.vae_init and vae_source.exists():  # how the reused VAE was made (its decoder stage included)
+        made = json.loads(vae_source.read_text())
+        metrics["vae_from"] = {k: made.get(k, {}).get("command") for k in ("generator", "decoder")}
     return metrics
 
 

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     # intervals) evaluate the base here, in folders named by those settings
     tag = "" if key(ev) == key(demo.evaluate) else "_{}_{}c_{}s_g{}_seed{}".format(*key(ev))
     scenes, _ = clips(demo.data_seed, ev.split, ev.captions)
-    oracle, clap = Oracle.from_pretrained(), SoundWorldClap()
+    oracle, clap = Oracle.from_pretrained(), SoundWorldClap(demo.clap_dir)
     base = evaluate_pipeline(lambda: TangoPipeline.from_pretrained(base_dir),
                              (out / f"base_eval{tag}") if tag else demo_dir / f"eval{split_suffix(ev.split)}" / "base",
                              scenes, oracle, clap, ev, "base", base_dir)

@@ -179,6 +179,25 @@ def test_validation_split_reuses_the_models_and_keeps_the_test_files(demo, monke
     assert run_demo(cfg)["table"] == results["table"]  # back to the test split: read back, demo_config.yaml restored
 
 
+def test_base_picks_generator_and_proxy_clap_together(tmp_path):
+    """`base: weak` generates with the weak-caption generator and scores with the CLAP learnt from the
+    same captions; the clean base keeps the builder's defaults; an unknown base is refused."""
+    from diffdpo.errors import ConfigError
+    from diffdpo.worlds.soundworld import BASES
+    from diffdpo.worlds.soundworld.demo import DemoConfig, _model_dir, prefs_config
+
+    clean = prefs_config(DemoConfig(), tmp_path)
+    assert clean.generator.path is None and clean.scorer.ckpt is None
+    weak_cfg = from_dict(DemoConfig, {"base": "weak"})
+    weak = prefs_config(weak_cfg, tmp_path)
+    assert weak.generator.path == str(BASES["weak"] / "generator") == _model_dir(weak_cfg, tmp_path, "base")
+    assert weak.scorer.ckpt == str(BASES["weak"] / "clap") == str(weak_cfg.clap_dir)
+    named = prefs_config(from_dict(DemoConfig, {"base": "weak", "prefs": {"scorer": {"ckpt": "my_clap"}}}), tmp_path)
+    assert named.scorer.ckpt == "my_clap"
+    with pytest.raises(ConfigError, match="base"):
+        from_dict(DemoConfig, {"base": "noisy"})
+
+
 def test_recipe_yaml_is_the_command_default():
     """`diffdpo demo` alone and `--config recipes/configs/soundworld_demo.yaml` run the same job."""
     from pathlib import Path

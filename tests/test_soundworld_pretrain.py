@@ -64,6 +64,29 @@ def test_generator_from_scratch_then_continued(pretrain, tmp_path):
     assert not _same(base.unet, more.unet)
 
 
+def test_vae_init_reuses_the_vae_and_trains_the_rest_anew(pretrain, recipe, tmp_path):
+    """Two bases that differ only in their captions: the weak one reuses the other's VAE exactly
+    (weights, latent shift and scale) and learns its own tokenizer, text encoder and UNet."""
+    from diffdpo.diffusion.tango.pipeline import TangoPipeline
+
+    pretrain(tmp_path / "clean", "generator.steps=1")
+    clean = TangoPipeline.from_pretrained(tmp_path / "clean" / "generator")
+    weak = pretrain(tmp_path / "weak", f"vae_init={tmp_path / 'clean' / 'generator'}", "generator.steps=1",
+                    "weak_captions.omit_rate=0.5", "weak_captions.order_drop_rate=1.0")
+    assert weak["metrics"]["vae"]["kept_from"] == str(tmp_path / "clean" / "generator")
+    made_by = json.loads((tmp_path / "clean" / "MANIFEST.json").read_text())["generator"]["command"]
+    assert weak["metrics"]["vae_from"] == {"generator": made_by, "decoder": None}
+    assert weak["metrics"]["weak_captions"]["enabled"] and "continued_from" not in weak["metrics"]
+    made = TangoPipeline.from_pretrained(tmp_path / "weak" / "generator")
+    assert _same(clean.vae, made.vae)
+    for key in ("shift_factor", "scaling_factor"):
+        assert made.vae.config[key] == clean.vae.config[key]
+    assert not _same(clean.unet, made.unet)
+    assert made.tokenizer.get_vocab() != clean.tokenizer.get_vocab()  # the weak captions' words joined
+    with pytest.raises(ValueError, match="generator_init and vae_init"):
+        recipe.main(["stages=[generator]", "generator_init=a", "vae_init=b", f"output_dir={tmp_path / 'x'}"])
+
+
 def test_position_features_installed_by_the_recipe_and_kept_when_continued(pretrain, tmp_path):
     from diffdpo.diffusion.tango.position import position_features
     from diffdpo.diffusion.tango.pipeline import TangoPipeline

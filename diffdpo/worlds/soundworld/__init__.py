@@ -17,6 +17,10 @@ from diffdpo.worlds.soundworld.scenes import (CLIP_SECONDS, KINDS, OVERLAP, SEQU
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 BASE_MODEL_DIR = WEIGHTS_DIR / "generator"
+# The shipped bases, each a generator and the proxy CLAP trained on the same captions: "clean" learnt
+# from captions as written, "weak" from weakly labelled ones (docs/soundworld_weak_captions.md). Both
+# share one VAE and are judged by one oracle (WEIGHTS_DIR / "oracle").
+BASES = {"clean": WEIGHTS_DIR, "weak": Path(__file__).parent / "weights_weak"}
 
 
 def base_generator(config):
@@ -32,5 +36,5 @@ from diffdpo.metrics.clap import register_clap_backend  # noqa: E402
 register_clap_backend("soundworld", "diffdpo.worlds.soundworld.clap:SoundWorldClap")
 
 __all__ = ["CLIP_SECONDS", "EVENTS", "EVENT_NAMES", "KINDS", "OVERLAP", "SAMPLE_RATE", "SEQUENCE", "SINGLE",
-           "Scene", "TimelineEntry", "WEIGHTS_DIR", "BASE_MODEL_DIR", "base_generator", "compose_caption", "make_clip", "parse_caption",
+           "Scene", "TimelineEntry", "WEIGHTS_DIR", "BASE_MODEL_DIR", "BASES", "base_generator", "compose_caption", "make_clip", "parse_caption",
            "sample_scene", "scene_from_caption"]

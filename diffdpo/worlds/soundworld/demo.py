@@ -86,7 +86,10 @@ class DemoConfig:
     seed: int = 0
     data_seed: int = field(default=0, metadata={"help": "SoundWorld data seed (train captions, test captions)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
-    base_model: str | None = field(default=None, metadata={"help": "Tango-layout folder (default: shipped weights)"})
+    base: str = field(default="clean", metadata={
+        "help": "shipped base: clean (captions as written) or weak (weakly labelled captions); its own CLAP is "
+                "the proxy scorer and the CLAP column"})
+    base_model: str | None = field(default=None, metadata={"help": "Tango-layout folder (default: the base's generator)"})
     train_captions: int = field(default=192, metadata={"help": "SoundWorld training captions to build pairs from"})
     train_kinds: list[str] = field(default_factory=lambda: ["sequence", "overlap"], metadata={
         "help": "only training captions of these kinds (single, sequence, overlap); empty = the split's mix"})
@@ -96,6 +99,19 @@ class DemoConfig:
                       metadata={"help": "diffdpo.diffusion.trainer.DiffusionDPOConfig fields"})
     sft_baseline: bool = field(default=True, metadata={"help": "also train the SFT-on-winners baseline"})
     evaluate: EvalSettings = field(default_factory=EvalSettings)
+
+    def __post_init__(self):
+        from diffdpo.worlds.soundworld import BASES
+
+        if self.base not in BASES:
+            raise ConfigError(f"base: expected one of {list(BASES)}, got {self.base!r}", ["base"])
+
+    @property
+    def clap_dir(self) -> Path:
+        """The proxy CLAP learnt from the base's captions (the builder's scorer, the CLAP column)."""
+        from diffdpo.worlds.soundworld import BASES
+
+        return BASES[self.base] / "clap"
 
 
 # ------------------------------------------------------------------ stages
@@ -112,19 +128,34 @@ def _cached(path: Path, settings: dict):
     return data
 
 
+def prefs_config(cfg: DemoConfig, out: Path):
+    """The builder's config: the demo's ``prefs`` section, generating with the base and (for the weak
+    base) scoring with the CLAP learnt from the same captions."""
+    from diffdpo.prefs.build import BuildConfig
+
+    # the clean base stays the builder's default (path None), so its config hash is machine-independent
+    path = cfg.base_model if cfg.base == "clean" else _model_dir(cfg, out, "base")
+    scorer = {"scorer": {"ckpt": str(cfg.clap_dir)}} if _proxy_is_soundworld_clap(cfg) else {}
+    return from_dict(BuildConfig, merge(cfg.prefs, {
+        "captions": str(out / "train_captions.txt"), "out": str(out / "prefs"), "seed": cfg.seed,
+        "generator": {"kind": "soundworld", "path": path}, **scorer}))
+
+
 def build_prefs(cfg: DemoConfig, out: Path) -> dict:
-    from diffdpo.prefs.build import BuildConfig, build_preferences
+    from diffdpo.prefs.build import build_preferences
     from diffdpo.worlds.soundworld.dataset import split_scenes
 
-    root = out / "prefs"
     scenes = split_scenes(cfg.data_seed, "train", cfg.train_captions, cfg.train_kinds)
-    captions = out / "train_captions.txt"
-    captions.write_text("".join(s.caption + "\n" for s in scenes))
-    build = from_dict(BuildConfig, merge(cfg.prefs, {
-        "captions": str(captions), "out": str(root), "seed": cfg.seed,
-        "generator": {"kind": "soundworld", "path": cfg.base_model}}))
+    (out / "train_captions.txt").write_text("".join(s.caption + "\n" for s in scenes))
     # a finished set is only re-assembled (no generation); one built with another config is refused
-    return build_preferences(build)
+    return build_preferences(prefs_config(cfg, out))
+
+
+def _proxy_is_soundworld_clap(cfg: DemoConfig) -> bool:
+    """The weak base's pairs are scored by the CLAP learnt from its own captions, unless the config names a
+    scorer or checkpoint (the clean base's CLAP is the backend's default)."""
+    scorer = cfg.prefs.get("scorer") or {}
+    return cfg.base != "clean" and scorer.get("kind", "clap:soundworld") == "clap:soundworld" and not scorer.get("ckpt")
 
 
 def train_model(cfg: DemoConfig, out: Path, name: str) -> dict:
@@ -149,10 +180,10 @@ def train_model(cfg: DemoConfig, out: Path, name: str) -> dict:
 
 
 def _model_dir(cfg: DemoConfig, out: Path, name: str) -> str:
-    from diffdpo.worlds.soundworld import BASE_MODEL_DIR
+    from diffdpo.worlds.soundworld import BASES
 
     if name == "base":
-        return cfg.base_model or str(BASE_MODEL_DIR)
+        return cfg.base_model or str(BASES[cfg.base] / "generator")
     return str(out / name / "final")
 
 
@@ -330,7 +361,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         runs["sft"] = stage("sft", train_model, cfg, out, "sft")
 
     scenes, real_audio = clips(cfg.data_seed, cfg.evaluate.split, cfg.evaluate.captions)
-    oracle, clap = Oracle.from_pretrained(), SoundWorldClap()
+    oracle, clap = Oracle.from_pretrained(), SoundWorldClap(cfg.clap_dir)
     evals = {m: stage(f"evaluate {m}", evaluate_model, cfg, out, m, scenes, oracle, clap)
              for m in ("base", *runs)}
     audit = stage("audit pairs", audit_pairs, out / "prefs", oracle)
