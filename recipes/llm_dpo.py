@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()})
     if result.get("eval"):
         print({k: round(v, 4) for k, v in result["eval"].items()})
+    print(f"saved {Path(result['output_dir']) / 'final'} (metrics: {Path(result['output_dir']) / 'metrics.json'})")
     return result
 
 

@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
             "config": {"data": asdict(cfg.data), **{k: asdict(v) for k, v in section.items()}},
             "metrics": metrics})
         print(f"== {stage} done in {(time.time() - t0) / 60:.1f} min: {json.dumps(metrics)[:2000]}", flush=True)
+    print(f"weights: {out} (MANIFEST.json: command, commit, metrics of each stage); logs: {work / 'metrics.jsonl'}")
 
 
 if __name__ == "__main__":

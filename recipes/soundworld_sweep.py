@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"| {fmt(row['oracle_presence_f1'])} | {fmt(row['oracle_order'])} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"wrote {out / 'sweep.json'} and {out / 'sweep.md'}")
     return report
 
 

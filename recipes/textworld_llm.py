@@ -111,6 +111,7 @@ def main(argv=None) -> dict:
     (out / "results.json").write_text(json.dumps(results))
     (out / "results.md").write_text(render(results["summary"]))
     print(render(results["summary"]))
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return results
 
 
