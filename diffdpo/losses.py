@@ -38,7 +38,9 @@ __all__ = [
     "LossSpec",
     "PreferenceLossOutput",
     "RunningRewardMean",
+    "LOGIC_PREFIX",
     "diffusion_beta",
+    "loss_spec",
     "preference_loss",
 ]
 
@@ -67,6 +69,20 @@ class LossSpec:
 
 
 LOSS_TYPES: dict[str, LossSpec] = {}
+
+# ``logic:<structure>`` names a loss compiled from a preference structure (diffdpo/loss_logic.py).
+LOGIC_PREFIX = "logic:"
+
+
+def loss_spec(name: str) -> LossSpec:
+    """The registered loss ``name``, or the one a ``logic:<structure>`` name compiles to."""
+    if name in LOSS_TYPES:
+        return LOSS_TYPES[name]
+    if name.startswith(LOGIC_PREFIX):
+        from diffdpo.loss_logic import compiled_spec
+
+        return compiled_spec(name)
+    raise ValueError(f"unknown {name!r}; valid are {sorted(LOSS_TYPES)} or '{LOGIC_PREFIX}<structure>'")
 
 
 def _register(name: str, *, options: dict[str, object] | None = None, needs_reference: bool = True,
@@ -381,8 +397,9 @@ def preference_loss(
     """Per-pair preference losses for one batch; reduce (mean) outside.
 
     Args:
-        loss_type: a name in :data:`LOSS_TYPES`, or a list of names summed with ``loss_weights``
-            (TRL's multi-loss form, e.g. MPO).
+        loss_type: a name in :data:`LOSS_TYPES` or ``logic:<structure>`` (a loss compiled from a
+            preference structure, :mod:`diffdpo.loss_logic`), or a list of names summed with
+            ``loss_weights`` (TRL's multi-loss form, e.g. MPO).
         chosen_logratios, rejected_logratios: ``[B]`` log pi_theta - log pi_ref (LLM) or
             ``-(err_theta - err_ref)`` (diffusion). Not needed by reference-free losses.
         beta: inverse temperature in *this* module's convention (see module doc, :func:`diffusion_beta`).
@@ -408,10 +425,11 @@ def preference_loss(
     names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not names:
         raise ValueError("loss_type: give at least one loss type")
-    unknown = [n for n in names if n not in LOSS_TYPES]
+    unknown = [n for n in names if n not in LOSS_TYPES and not n.startswith(LOGIC_PREFIX)]
     if unknown:
-        raise ValueError(f"loss_type: unknown {unknown}; valid types are {sorted(LOSS_TYPES)}")
-    specs = [LOSS_TYPES[n] for n in names]
+        raise ValueError(f"loss_type: unknown {unknown}; valid types are {sorted(LOSS_TYPES)} "
+                         f"or '{LOGIC_PREFIX}<structure>'")
+    specs = [loss_spec(n) for n in names]
     if loss_weights is None:
         loss_weights = [1.0] * len(names)
     if len(loss_weights) != len(names):

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from diffdpo.losses import LOSS_TYPES, preference_loss
+    from diffdpo.losses import LOSS_TYPES, loss_spec, preference_loss
 
     g = torch.Generator().manual_seed(args.seed)
     P, K = args.prompts, args.responses
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                     "started at the reference can drift the wrong way",
     }
     for name in names:
-        spec = LOSS_TYPES[name]
+        spec = loss_spec(name)
         logits = ref_logits.clone().requires_grad_(True)
         opt = torch.optim.Adam([logits], lr=0.05)
         x, w, l = train

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from diffdpo.diffusion.logratios import PairDraws, num_train_steps, prediction_kind
 from diffdpo.diffusion.objective import diffusion_dpo_step
 from diffdpo.diffusion.reference import CachedReference, LoraDisabledReference
-from diffdpo.losses import LOSS_TYPES, diffusion_beta
+from diffdpo.losses import LOGIC_PREFIX, LOSS_TYPES, diffusion_beta, loss_spec
 
 __all__ = ["BETA_CONVENTIONS", "DiffusionDPOLoss", "core_beta", "diffusion_dpo_loss"]
 
@@ -147,7 +147,8 @@ def diffusion_dpo_loss(policy: nn.Module, reference: nn.Module | str | tuple[Ten
         beta_convention: ``"salesforce"`` | ``"tango2"`` | ``"diffusers"`` | ``"core"``; what each means
             is in :data:`BETA_CONVENTIONS`. Salesforce's 5000, the diffusers SD1.5 example's 2500
             (``"diffusers"``) and its SDXL example's 5000 (``"salesforce"``) are the same loss.
-        loss_type: a paired, reference-based loss of :data:`diffdpo.losses.LOSS_TYPES` (``sigmoid`` is DPO).
+        loss_type: a paired, reference-based loss of :data:`diffdpo.losses.LOSS_TYPES` (``sigmoid`` is DPO),
+            or ``logic:<structure>`` whose loss reads log-ratios only (``diffdpo losses explain`` says).
         sft_weight: weight of the winners' policy MSE added to every pair's loss (TangoFlux CRPO: 1).
         predict: ``predict(model, noisy, timesteps, cond_dict) -> prediction``; default
             :func:`unet_call`. Pass your own for models with other call signatures (e.g. SDXL's
@@ -164,10 +165,11 @@ def diffusion_dpo_loss(policy: nn.Module, reference: nn.Module | str | tuple[Ten
         if not isinstance(value, Tensor) or value.shape[:1] != (b,):
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"condition[{key!r}]: expected a tensor with leading dimension B = {b}, got {shape}")
-    spec = LOSS_TYPES.get(loss_type)
-    if spec is None or not spec.paired or not spec.needs_reference:
+    spec = loss_spec(loss_type) if loss_type in LOSS_TYPES or loss_type.startswith(LOGIC_PREFIX) else None
+    if spec is None or not spec.paired or not spec.needs_reference or "chosen_logps" in spec.needs:
         valid = sorted(n for n, s in LOSS_TYPES.items() if s.paired and s.needs_reference)
-        raise ValueError(f"loss_type: {loss_type!r} is not a paired loss with a reference; valid: {valid}")
+        raise ValueError(f"loss_type: {loss_type!r} is not a paired loss with a reference; valid: {valid} or "
+                         f"'{LOGIC_PREFIX}<structure>' over log-ratios")
     beta_core = core_beta(beta, beta_convention)
     draws = PairDraws(noise.to(chosen_latents.dtype), timesteps.to(chosen_latents.device),
                       torch.zeros(b, dtype=torch.bool, device=chosen_latents.device))

@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffdpo.config import load_config, save_config, to_dict
-from diffdpo.losses import LOSS_TYPES, diffusion_beta
+from diffdpo.losses import diffusion_beta, loss_spec
 
 log = logging.getLogger("diffusion_dpo")
 
@@ -76,7 +76,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    type: str = field(default="sigmoid", metadata={"help": "any loss type of diffdpo.losses"})
+    type: str = field(default="sigmoid", metadata={"help": "any loss type of diffdpo.losses, or logic:<structure> "
+                                                                "over log-ratios (diffdpo losses compile)"})
     beta: float = field(default=5000.0, metadata={"help": "beta as published, in beta_convention"})
     beta_convention: str = field(default="salesforce", metadata={
         "help": "salesforce | tango2: the -0.5*beta form (Salesforce train.py, Tango 2, and the diffusers SDXL "
@@ -152,8 +153,10 @@ class DiffusionDPOConfig:
             raise ValueError(f"reference: unknown {self.reference!r}; valid: {list(REFERENCE_MODES)}")
         if self.reference == "lora_disabled" and self.model.lora_rank <= 0:
             raise ValueError("reference=lora_disabled needs model.lora_rank > 0")
-        if self.loss.type not in LOSS_TYPES:
-            raise ValueError(f"loss.type: unknown {self.loss.type!r}; valid: {sorted(LOSS_TYPES)}")
+        try:
+            loss_spec(self.loss.type)
+        except ValueError as e:
+            raise ValueError(f"loss.type: {e}") from None
         if self.loss.guidance_scale <= 0:
             raise ValueError(f"loss.guidance_scale: {self.loss.guidance_scale} must be > 0 (1 = no guidance)")
         span = self.train.timestep_range

@@ -20,30 +20,33 @@ import torch
 from torch import Tensor
 
 from diffdpo.llm.logps import SequenceLogps
-from diffdpo.losses import LOSS_TYPES, preference_loss
+from diffdpo.losses import loss_spec, preference_loss
 
 
 @dataclass
 class LossConfig:
-    type: str = field(default="sigmoid", metadata={"help": "a loss type of diffdpo.losses.LOSS_TYPES"})
+    type: str = field(default="sigmoid", metadata={
+        "help": "a loss type of diffdpo.losses.LOSS_TYPES, or logic:<structure> (diffdpo losses compile)"})
     beta: float = field(default=0.1, metadata={"help": "inverse temperature (ORPO: lambda)"})
     options: dict = field(default_factory=dict, metadata={"help": "loss options, e.g. label_smoothing (rDPO flip rate)"})
     sft_weight: float = field(default=0.0, metadata={"help": "eta of the SFT/NLL term on chosen (RPO)"})
     sft_reduction: Literal["sum", "mean"] = field(default="sum", metadata={"help": "summed or per-token NLL"})
 
     def __post_init__(self):
-        if self.type not in LOSS_TYPES:
-            raise ValueError(f"loss.type: unknown {self.type!r}; valid are {sorted(LOSS_TYPES)}")
+        try:
+            loss_spec(self.type)
+        except ValueError as e:
+            raise ValueError(f"loss.type: {e}") from None
         if self.sft_reduction not in ("sum", "mean"):
             raise ValueError(f"loss.sft_reduction: 'sum' or 'mean', got {self.sft_reduction!r}")
 
     @property
     def needs_reference(self) -> bool:
-        return LOSS_TYPES[self.type].needs_reference
+        return loss_spec(self.type).needs_reference
 
     @property
     def paired(self) -> bool:
-        return LOSS_TYPES[self.type].paired
+        return loss_spec(self.type).paired
 
 
 def _extras(policy: SequenceLogps, ref: Tensor | None, chosen: slice) -> dict[str, Tensor]:
