@@ -17,7 +17,7 @@
 
 ``evaluate.split=validation`` evaluates on validation captions instead, into ``eval_validation/``,
 ``results_validation.json`` and ``report_validation.html``, reusing the same pairs and models: settings
-are chosen there, and the test split is run once with the chosen ones (docs/soundworld.md).
+are chosen there, and the test split is run once with the chosen ones (docs/soundworld_weak_base.md).
 
 Every stage writes its output once (atomically) and is skipped when it is there, so a run that
 stopped resumes at the stage it was in (the preference builder also shard by shard). A stage's
