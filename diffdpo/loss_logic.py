@@ -246,13 +246,14 @@ class Structure:
 
     def check(self) -> None:
         """Reject structures whose loss is constant or undefined, naming why."""
-        if not self.core.atoms & {"Mw", "Ml"} and not (self.given.atoms | self.also.atoms) & {"Mw", "Ml"}:
-            raise ValueError(f"structure {str(self)!r}: mentions no policy atom (Mw, Ml), so no loss depends on the model")
+        where = f"structure {str(self)!r}"
+        if not {"Mw", "Ml"} & set(self.atoms):
+            raise ValueError(f"{where}: mentions no policy atom (Mw, Ml), so no loss depends on the model")
         top, bottom = self.table()
         if not any(top):
-            raise ValueError(f"structure {str(self)!r}: no world satisfies its top (P_C & (P | P_A)); the loss is infinite")
+            raise ValueError(f"{where}: no world satisfies its top (P_C & (P | P_A)); the loss is infinite")
         if not any(bottom):
-            raise ValueError(f"structure {str(self)!r}: no world satisfies its bottom (P_C & (~P | P_A)); the loss is 0")
+            raise ValueError(f"{where}: no world satisfies its bottom (P_C & (~P | P_A)); the loss is 0")
 
 
 def _monomials(rows: list[bool], atoms: tuple[str, ...]) -> dict[frozenset, int]:
@@ -450,13 +451,14 @@ class Decompiled:
 
 
 DECOMPILED: dict[str, Decompiled] = {
-    "sigmoid": Decompiled((Term("DPO"),), "DPO (§4, Fig. 1; Table of decompiled losses)",
+    "sigmoid": Decompiled((Term("DPO"),), "DPO (§4; Fig. 1)",
                           "label_smoothing eps adds the swapped pair: (1-eps) l(z) + eps l(-z), z the DPO logit",
                           {"label_smoothing": 0.0}),
     "hinge": Decompiled((Term("DPO", link="hinge"),), "not a -log sigmoid loss; shares DPO's structure",
                         "the same logit z = beta h through max(0, 1 - z) instead of l(z): monotone "
-                        "decreasing in z too, so the entailment order of the DPO family carries over"),
-    "ipo": Decompiled((Term("DPO", length_normalize=True, link="ipo"),), "not a -log sigmoid loss; shares DPO's structure",
+                        "decreasing in z too, so entailment orders hinge losses as it orders semantic ones"),
+    "ipo": Decompiled((Term("DPO", length_normalize=True, link="ipo"),),
+                      "not a -log sigmoid loss; shares DPO's structure",
                       "regresses the logit to 1/2 ((z - 1/2)/beta)^2 instead of raising it: not monotone, so "
                       "entailment says nothing about it. length_normalize=False uses the summed log-ratios",
                       {"length_normalize": True}),

@@ -329,8 +329,9 @@ def test_llm_recipe_trains_a_compiled_loss_in_a_new_process(tmp_path):
     tok.save_pretrained(tmp_path / "model")
     data = H.write_jsonl(H.pair_rows(16), tmp_path / "train.jsonl")
     name = "logic:Mw & Rl given Mw ^ Ml"  # reads policy and reference log-probs
-    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "llm_dpo.py"), "--config",
-                          str(ROOT / "recipes" / "configs" / "llm_tiny.yaml"), f"model.name_or_path={tmp_path / 'model'}",
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "llm_dpo.py"),
+                          "--config", str(ROOT / "recipes" / "configs" / "llm_tiny.yaml"),
+                          f"model.name_or_path={tmp_path / 'model'}",
                           f"data.train_path={data}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2",
                           "train.progress=false", f"loss.type={name}"], capture_output=True, text=True, timeout=300,
                          env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
