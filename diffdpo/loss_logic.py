@@ -336,7 +336,7 @@ def atom_logps(structure: Structure, x: _Inputs, beta: float, length_normalize: 
     """Each atom's tempered log-probability from what the loss core was given.
 
     A :attr:`Structure.ratio_only` structure reads the log-ratios alone and places each side at
-    ``log P(M) = min(0, z) + log 1/2``, ``log P(R) = min(0, -z) + log 1/2`` (``z = beta r``): both valid
+    ``log P(M) = min(0, z) + log 1/2``, ``log P(R) = log P(M) - z`` (``z = beta r``): both valid
     probabilities with the right ratio, and by the invariance the loss and its gradient are the
     ones at the true probabilities (tested). Other structures read the policy log-probs, and the
     reference's as ``logps - logratios``.
@@ -355,7 +355,7 @@ def atom_logps(structure: Structure, x: _Inputs, beta: float, length_normalize: 
         if structure.ratio_only:
             z = beta * normed(ratio, side)
             out["M" + side] = z.clamp(max=0) + _LOG_HALF
-            out["R" + side] = (-z).clamp(max=0) + _LOG_HALF
+            out["R" + side] = out["M" + side] - z  # the difference is z exactly, kink included (z = 0 at the start)
         else:
             out["M" + side] = beta * normed(logps, side)
             if structure.needs_reference:

@@ -212,6 +212,14 @@ def test_ratio_only_structures_equal_their_value_at_the_true_probabilities(key):
     assert_same(from_ratios, -torch.nn.functional.logsigmoid(logit(s, truth)), t)
 
 
+def test_ratio_only_gradient_at_zero_log_ratio_is_dpos():
+    """Every run starts at the reference (log-ratios exactly 0), where the canonical placement has a kink."""
+    rw, rl = torch.zeros(3, requires_grad=True), torch.tensor([0.0, 1.0, -1.0], requires_grad=True)
+    dpo, logic = (preference_loss(n, rw, rl, beta=0.5).losses.sum() for n in ("sigmoid", DPO))
+    for a, b in zip(torch.autograd.grad(dpo, [rw, rl]), torch.autograd.grad(logic, [rw, rl])):
+        torch.testing.assert_close(a, b)
+
+
 def test_other_reference_structures_read_the_log_probs():
     s = "logic:Mw & Rl given Mw ^ Ml"
     assert not Structure.parse(s[6:]).ratio_only and Structure.parse(s[6:]).needs_reference
