@@ -220,6 +220,8 @@ def test_guided_loss_is_the_salesforce_form_on_the_cfg_prediction():
                                 draws.step_index, PUBLISHED_BETA, "epsilon")
     plain = diffusion_dpo_step(predict, policy, FrozenCopyReference(reference_unet), scheduler, w, l, cond, draws,
                                list(range(B)), beta=beta)
-    torch.testing.assert_close(ours.loss, theirs, rtol=1e-5, atol=1e-6)
+    # float32, and beta = 5000 multiplies the rounding of batched vs separate branch forwards (it
+    # depends on the thread count: 7e-5 relative on one thread); a wrong formula misses by > 1e-3
+    torch.testing.assert_close(ours.loss, theirs, rtol=3e-4, atol=1e-6)
     assert not math.isclose(ours.loss.item(), plain.loss.item(), rel_tol=1e-3)
     assert guided(predict, empty, 1.0) is predict
