@@ -316,7 +316,7 @@ def results_table(evals: dict[str, dict], scenes, reference: np.ndarray, n_resam
             ci = bootstrap_ci(lambda i: fad(ea[i]) - fad(eb[i]), [items], n_resamples=min(n_resamples, 200))
             deltas[f"{a} - {b}"] = {"mean": models[a]["mean"] - models[b]["mean"], "ci95": [ci.low, ci.high],
                                     "n": len(items)}
-    table.append({"metric": f"FAD vs {len(reference)} real test clips (SoundWorld-CLAP audio embeddings)",
+    table.append({"metric": f"FAD vs the {len(reference)} real clips of these captions (SoundWorld-CLAP audio embeddings)",
                   "key": "fad", "n": len(items), "higher_is_better": False, "models": models, "deltas": deltas})
     return table
 
