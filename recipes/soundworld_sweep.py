@@ -7,13 +7,15 @@ Diffusion-DPO run per variant with checkpoints, and evaluates each listed checkp
 held-out captions and seeds as the demo (or, with ``evaluate.captions=600`` and the like, on more
 captions, the base evaluated anew beside the runs): the proxy's score (SoundWorld CLAP cosine, what the
 preference set optimised) beside the oracle's (caption satisfied). Writes ``sweep.json`` and a
-markdown table ``sweep.md``; finished runs and evaluations are read back on a rerun.
+markdown table ``sweep.md``; finished runs and evaluations are read back on a rerun, and a run asked
+for steps beyond its last checkpoint continues from there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +70,7 @@ def _run_configs(cfg: SweepConfig, demo: DemoConfig, demo_dir: Path, base_dir: s
                 "model": {"family": "tango", "name_or_path": base_dir},
                 "data": {"source": "jsonl", "path": str(demo_dir / "prefs")},
                 "train": {"output_dir": str(Path(cfg.out) / name), "seed": demo.seed, "report_to": "none",
-                          "max_steps": max(cfg.steps), "save_every": min(cfg.steps), "keep_last": None}}))
+                          "max_steps": max(cfg.steps), "save_every": math.gcd(*cfg.steps), "keep_last": None}}))
         except ConfigError as e:
             raise ConfigError(f"runs.{name}: {e}", [f"runs.{name}.{k}" for k in e.keys]) from e
     return configs
@@ -115,8 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, overrides in cfg.runs.items():
         run_dir = out / name
         tcfg = run_configs[name]
-        if not (run_dir / "final").exists():
-            train(tcfg, resume=True)
+        if not all((run_dir / "checkpoints" / f"step_{step}").exists() for step in cfg.steps):
+            train(tcfg, resume=True)  # a finished run asked for later steps continues from its last checkpoint
         for step in cfg.steps:
             checkpoint = run_dir / "checkpoints" / f"step_{step}"
             result = evaluate_pipeline(lambda c=checkpoint: _load_checkpoint(base_dir, c),

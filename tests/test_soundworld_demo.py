@@ -234,6 +234,10 @@ def test_sweep_evaluates_checkpoints_against_the_demos_base(demo, tmp_path):
         assert row["oracle_presence_f1"]["delta_vs_base"] == pytest.approx(
             (sum(f1) - sum(r["presence_f1"] for r in base_rows)) / len(f1))
     assert (tmp_path / "sweep" / "sweep.md").read_text().count("\n") == 6
+    # asked for a later step, a finished run continues from its last checkpoint instead of starting over
+    longer = soundworld_sweep.main([f"demo={cfg.out}", f"out={tmp_path / 'sweep'}", "steps=[2,3]", "runs={dpo: {}}"])
+    assert [r["step"] for r in longer["table"]] == [2, 3]
+    assert (tmp_path / "sweep" / "dpo" / "checkpoints" / "step_3").is_dir()
     # other evaluation settings: the base is evaluated anew beside the runs, the trained runs are reused
     fewer = cfg.evaluate.captions - 2
     other = soundworld_sweep.main([f"demo={cfg.out}", f"out={tmp_path / 'sweep'}", "steps=[2]", "runs={dpo: {}}",
