@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from diffdpo.config import load_config, run_main
-from diffdpo.worlds.soundworld.demo import EvalSettings, evaluate_pipeline, mean_interval, results_table
+from diffdpo.worlds.soundworld.demo import METRICS, EvalSettings, evaluate_pipeline, mean_interval, results_table
 
 
 @dataclass
@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
     table = results_table(evals, scenes, clap.embed_audio(list(real)).double().numpy(), ev.bootstrap)
     ceiling = decoder_ceiling(TangoPipeline.from_pretrained(BASES[cfg.bases[0]] / "generator"), oracle, scenes,
                               real)["vae_vocoder"]["rows"]
+    oracle_rows = {key: (row_field, kind) for key, row_field, _, kind, _ in METRICS if key != "clap"}
     for row in table:  # the ceiling's oracle numbers beside the bases' (it has no CLAP or FAD of its own)
-        if row["key"] in ("clap", "fad"):
+        if row["key"] not in oracle_rows:
             continue
-        field_name = "events_exact" if row["key"] == "single_event" else row["key"]
-        kind = {"order_correct": "sequence", "single_event": "single"}.get(row["key"])
-        values = np.array([float(r[field_name]) for s, r in zip(scenes, ceiling) if kind is None or s.kind == kind])
+        row_field, kind = oracle_rows[row["key"]]
+        values = np.array([float(r[row_field]) for s, r in zip(scenes, ceiling) if kind is None or s.kind == kind])
         row["ceiling"] = mean_interval(values, ev.bootstrap)
     report = {"settings": {"split": ev.split, "captions": ev.captions, "steps": ev.steps, "guidance": ev.guidance,
                            "seed": ev.seed, "clap": cfg.clap, "data_seed": cfg.data_seed}, "table": table}
