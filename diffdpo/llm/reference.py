@@ -69,11 +69,13 @@ def cache_key(model_fp: str, sequences_fp: str) -> str:
 @contextlib.contextmanager
 def reference_mode(model: nn.Module, ref_model: nn.Module | None):
     """Yield the module to score the reference with: ``ref_model`` if given, else the policy with its
-    LoRA adapters disabled (peft), in eval mode and without gradients."""
+    LoRA adapters disabled (peft), in eval mode and without gradients. Either may be a
+    :class:`LogpsModel` (a sharded policy must be called through its root, which is that wrapper)."""
     target = ref_model if ref_model is not None else model
     was_training = target.training
     target.eval()
-    disable = (model.disable_adapter() if ref_model is None and hasattr(model, "disable_adapter")
+    peft = model.model if isinstance(model, LogpsModel) else model
+    disable = (peft.disable_adapter() if ref_model is None and hasattr(peft, "disable_adapter")
                else contextlib.nullcontext())
     try:
         with torch.no_grad(), disable:
@@ -85,8 +87,9 @@ def reference_mode(model: nn.Module, ref_model: nn.Module | None):
 def compute_logps(model: nn.Module, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
                   batch_size: int = 16, padding_free: bool = False, chunk_size: int = 1024,
                   device: torch.device | str = "cpu", progress: bool = False) -> Tensor:
-    """Summed completion log-probs ``[len(sequences)]`` (float32) under ``torch.no_grad``."""
-    scorer = LogpsModel(model, chunk_size)
+    """Summed completion log-probs ``[len(sequences)]`` (float32) under ``torch.no_grad``; ``model`` is a
+    causal LM or an already wrapped :class:`LogpsModel`."""
+    scorer = model if isinstance(model, LogpsModel) else LogpsModel(model, chunk_size)
     out = []
     starts = range(0, len(sequences), batch_size)
     if progress:

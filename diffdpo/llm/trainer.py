@@ -29,6 +29,8 @@ from diffdpo.llm.objective import LossConfig, MetricPool, pair_losses, unpaired_
 from diffdpo.llm.reference import cached_reference_logps, model_fingerprint, reference_mode
 from diffdpo.losses import RunningRewardMean
 from diffdpo.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from diffdpo.training.sharding import (check_engine, engine_name, load_model_state, load_optimizer_state, model_state,
+                                       optimizer_state, prepare_frozen)
 
 
 @dataclass
@@ -161,6 +163,7 @@ def train(cfg: LLMDPOConfig, model=None, tokenizer=None, on_step=None) -> dict:
     t, out_dir = cfg.train, Path(cfg.train.output_dir)
     accelerator = Accelerator(mixed_precision=t.mixed_precision,
                               log_with=None if t.report_to == "none" else t.report_to, project_dir=str(out_dir))
+    check_engine(accelerator)
     torch.manual_seed(t.seed)
     tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path)
     model = model or load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
@@ -169,9 +172,8 @@ def train(cfg: LLMDPOConfig, model=None, tokenizer=None, on_step=None) -> dict:
         model = add_lora(model, cfg.model)
     elif ref_model is None and cfg.loss.needs_reference and not t.precompute_ref:
         ref_model = copy.deepcopy(model)
-    if ref_model is not None:
-        ref_model.requires_grad_(False).to(accelerator.device)
-    model.to(accelerator.device)
+    if not accelerator.is_fsdp2:  # FSDP2 moves each shard to its device; a whole model need not fit there
+        model.to(accelerator.device)
 
     settings = TokenizeSettings(cfg.data.max_length, cfg.data.max_prompt_length, cfg.data.truncation)
     paired = cfg.loss.paired
@@ -187,22 +189,9 @@ def train(cfg: LLMDPOConfig, model=None, tokenizer=None, on_step=None) -> dict:
             return pair_sequences([examples[i] for i in indices])
         return [(examples[i].prompt_ids, examples[i].completion_ids) for i in indices]
 
-    # reference log-probs for every train / eval sequence, computed once and cached on disk
-    ref_cache = {}
-    if cfg.loss.needs_reference and t.precompute_ref:
-        model_fp = model_fingerprint(ref_model if ref_model is not None else model)
-        cache_dir = t.ref_cache_dir or str(out_dir / "ref_cache")
-        for name, examples in (("train", train_ex), ("eval", eval_ex)):
-            if not examples:
-                continue
-            seqs = sequences(examples, range(len(examples)))
-            if not paired:
-                seqs = seqs + kl_sequences(examples, examples, range(len(examples)))
-            logps, hit = cached_reference_logps(model, seqs, pad, cache_dir, ref_model, t.eval_batch_size,
-                                                t.padding_free, t.logp_chunk_size, accelerator.device, model_fp,
-                                                progress=t.progress and accelerator.is_main_process)
-            accelerator.print(f"reference log-probs ({name}): {'cache hit' if hit else 'computed'}")
-            ref_cache[name] = logps
+    precompute = cfg.loss.needs_reference and t.precompute_ref
+    # the cache key hashes the whole reference weights: before sharding splits them
+    model_fp = model_fingerprint(ref_model if ref_model is not None else model) if precompute else None
 
     def ref_logps(name, examples, indices):
         """Reference log-probs ``[2B]`` (paired) or ``([n], [n] KL)`` (unpaired) of these examples."""
@@ -215,9 +204,9 @@ def train(cfg: LLMDPOConfig, model=None, tokenizer=None, on_step=None) -> dict:
             return table[:n][idx], table[n:][idx]
         seqs = sequences(examples, indices)
         kl = kl_sequences(examples, examples, indices) if not paired else []
-        with reference_mode(model, ref_model) as ref:
+        with reference_mode(accelerator.unwrap_model(policy), ref_scorer) as ref:
             batch = collate(seqs + kl, pad, t.padding_free).to(accelerator.device)
-            logps = LogpsModel(ref, t.logp_chunk_size).batch_logps(batch).logps.float()
+            logps = ref.batch_logps(batch).logps.float()
         return logps if paired else (logps[:len(seqs)], logps[len(seqs):])
 
     policy = LogpsModel(model, t.logp_chunk_size)
@@ -228,6 +217,26 @@ def train(cfg: LLMDPOConfig, model=None, tokenizer=None, on_step=None) -> dict:
     # the scheduler stays unprepared: accelerate would step it once per process per optimizer step,
     # while max_steps and warmup here count optimizer steps
     policy, optimizer = accelerator.prepare(policy, optimizer)
+    # a separate reference is placed like the policy (sharded under FSDP2)
+    ref_scorer = prepare_frozen(accelerator, LogpsModel(ref_model, t.logp_chunk_size)) if ref_model is not None else None
+
+    # reference log-probs for every train / eval sequence, computed once (through the prepared, possibly
+    # sharded model, before any step) and cached on disk
+    ref_cache = {}
+    if precompute:
+        cache_dir = t.ref_cache_dir or str(out_dir / "ref_cache")
+        for name, examples in (("train", train_ex), ("eval", eval_ex)):
+            if not examples:
+                continue
+            seqs = sequences(examples, range(len(examples)))
+            if not paired:
+                seqs = seqs + kl_sequences(examples, examples, range(len(examples)))
+            logps, hit = cached_reference_logps(accelerator.unwrap_model(policy), seqs, pad, cache_dir, ref_scorer,
+                                                t.eval_batch_size, t.padding_free, t.logp_chunk_size,
+                                                accelerator.device, model_fp,
+                                                progress=t.progress and accelerator.is_main_process)
+            accelerator.print(f"reference log-probs ({name}): {'cache hit' if hit else 'computed'}")
+            ref_cache[name] = logps
 
     # BCO's reward shift: the running mean of rewards, updated before each loss (TRL 0.28's RunningMoments)
     bco_shift = RunningRewardMean() if cfg.loss.type == "bco_pair" and "reward_shift" not in cfg.loss.options else None
@@ -240,8 +249,10 @@ def train(cfg: LLMDPOConfig, model=None, tokenizer=None, on_step=None) -> dict:
     step, cursor, history = 0, 0, []
     last = latest_checkpoint(out_dir / "checkpoints") if t.resume else None
     if last is not None:
-        _load_weights(accelerator.unwrap_model(policy).model, last)
-        optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+        from safetensors.torch import load_file
+
+        load_model_state(accelerator, policy, load_file(last / "trainable.safetensors"), str(last))
+        load_optimizer_state(accelerator, policy, optimizer, torch.load(last / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(last / "scheduler.pt", weights_only=True))
         state = load_trainer_state(last)
         step, cursor = state["step"], state["cursor"]
@@ -274,7 +285,7 @@ def train(cfg: LLMDPOConfig, model=None, tokenizer=None, on_step=None) -> dict:
             ref, ref_kl = ref_logps("train", train_ex, indices)
             with torch.no_grad():
                 kl_batch = collate(kl_sequences(train_ex, train_ex, indices), pad, t.padding_free).to(accelerator.device)
-                kl_policy = LogpsModel(accelerator.unwrap_model(policy).model, t.logp_chunk_size).batch_logps(kl_batch)
+                kl_policy = accelerator.unwrap_model(policy).batch_logps(kl_batch)
             desirable = torch.tensor([train_ex[i].desirable for i in indices], device=accelerator.device)
             losses, core, extras = unpaired_losses(out, ref, desirable, kl_policy.logps - ref_kl.to(kl_policy.logps),
                                                    cfg.loss)
@@ -319,14 +330,16 @@ def train(cfg: LLMDPOConfig, model=None, tokenizer=None, on_step=None) -> dict:
         bar.close()
 
     result = {"history": history, "output_dir": str(out_dir), "processes": accelerator.num_processes,
+              "engine": engine_name(accelerator),
               "data": {"train": train_report.summary(), "eval": eval_report.summary() if eval_report else None}}
     if eval_ex:
         result["eval"] = evaluate(policy, eval_ex, lambda idx: ref_logps("eval", eval_ex, idx),
                                   replace(cfg, loss=loss_cfg()), pad, accelerator.device, paired)
-    accelerator.wait_for_everyone()
+    weights = model_state(accelerator, policy)  # whole tensors on process 0, whatever the sharding
     if accelerator.is_main_process:
         final = out_dir / "final"
-        accelerator.unwrap_model(policy).model.save_pretrained(final)
+        accelerator.unwrap_model(policy).model.save_pretrained(
+            final, state_dict={k.removeprefix("model."): v for k, v in weights.items()})
         tokenizer.save_pretrained(final)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     accelerator.end_training()
@@ -367,33 +380,18 @@ def evaluate(policy, examples, ref_fn, cfg: LLMDPOConfig, pad: int, device, pair
 
 def _save(accelerator, policy, optimizer, scheduler, out_dir: Path, step: int, cursor: int, history, keep_last,
           extra: dict):
+    """Checkpoint ``step``: trainable weights and optimizer state gathered whole (every process takes
+    part), written by process 0 as files that resume under any number of processes."""
+    from safetensors.torch import save_file
+
+    weights = model_state(accelerator, policy, trainable_only=True)
+    optim = optimizer_state(accelerator, policy, optimizer)
+    if accelerator.is_main_process:
+        def write(tmp: Path) -> None:
+            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
+            torch.save(optim, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+
+        save_checkpoint(out_dir / "checkpoints", step, write, {"cursor": cursor, "history": history, **extra},
+                        keep_last)
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    model = accelerator.unwrap_model(policy).model
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-
-    save_checkpoint(out_dir / "checkpoints", step, write, {"cursor": cursor, "history": history, **extra}, keep_last)
-
-
-def _load_weights(model, checkpoint: Path) -> None:
-    """Load a checkpoint's weights (full model, or the LoRA adapter of a peft model) in place."""
-    from safetensors.torch import load_file
-
-    folder = checkpoint / "model"
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
-        return
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False))]
-    if missing or unexpected:
-        raise ValueError(f"{folder}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-
