@@ -1,14 +1,23 @@
-"""Diffusion-DPO step cost at the published UNet sizes: seconds per step and peak memory, CPU.
+"""Diffusion-DPO step cost at the published denoiser sizes: seconds per step and peak memory, CPU.
 
 Each family's published ``unet/config.json`` (``diffdpo/diffusion/published/unets/``; Tango's is
-``diffdpo/diffusion/tango/published/tango_unet_config.json``) is built with random weights and
-trained on one pair per step (a batch of 2: winner + loser) at the shapes the family trains on:
+``diffdpo/diffusion/tango/published/tango_unet_config.json``) or ``transformer/config.json`` (SD3-medium,
+FLUX.1-dev: ``diffdpo/diffusion/published/hub/<repo>/``) is built with random weights and trained on one
+pair per step (a batch of 2: winner + loser) at the shapes the family trains on:
 
     sd15       512x512   -> latents 4x64x64,   CLIP-L states 77x768
     sdxl       1024x1024 -> latents 4x128x128, states 77x2048 + pooled 1280 + time ids 6
     audioldm   10.24 s   -> latents 8x256x16,  CLAP class label 512 (encoder_hidden_states=None)
     audioldm2  10.24 s   -> latents 8x256x16,  GPT-2 generated 8x768 + FLAN-T5 states Lx1024 + mask
     tango      10.24 s   -> latents 8x256x16,  FLAN-T5-large states Lx1024 + mask
+    sd3        1024x1024 -> latents 16x128x128 (2x2 patches: 4096 tokens), states 154x4096 + pooled 2048
+    flux       1024x1024 -> latents 16x128x128 (packed 4096x64), T5 states 77x4096 + pooled 768, guidance
+
+SD3 / Flux are flow matching (velocity target, the published FlowMatchEulerDiscreteScheduler config) with
+77 T5 tokens, the training default of diffusers' SD3 / Flux LoRA examples; SD3's 154 = 77 CLIP + 77 T5.
+What fits 24 GiB: SD3-medium's 2.03B-parameter transformer with LoRA (its fp32 weights are about 7.6 GiB);
+not a full fine-tune of it (weights, copy, gradients and AdamW states: about 38 GiB), and nothing of
+FLUX.1-dev, whose 11.9B-parameter transformer is 44 GiB in fp32 and 22 GiB in bf16 before anything else.
 
 The DPO step is the toolkit's own (``diffdpo.diffusion.objective.diffusion_dpo_step`` with the
 reference classes of ``diffdpo.diffusion.reference`` and the loss core of ``diffdpo.losses``,
@@ -62,6 +71,9 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 UNETS = ROOT / "diffdpo" / "diffusion" / "published" / "unets"
+HUB = ROOT / "diffdpo" / "diffusion" / "published" / "hub"
+SD3_REPO = HUB / "stabilityai--stable-diffusion-3-medium-diffusers"
+FLUX_REPO = HUB / "black-forest-labs--FLUX.1-dev"
 TANGO = ROOT / "diffdpo" / "diffusion" / "tango" / "published"
 GIB = 2**30
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -78,12 +90,16 @@ class Family:
     name: str
     config: Path
     unet_class: str  # attribute of diffusers, or "audioldm2" for AudioLDM2UNet2DConditionModel
-    backbone: str  # class in diffdpo.diffusion.models whose unet_kwargs the UNet call uses
+    backbone: str  # class in diffdpo.diffusion.models whose predict the denoiser call uses
     latent: tuple[int, ...]
     cond_shapes: dict[str, tuple]  # per-sample shapes; "L" = the prompt's token count, ("mask", "L") = its mask
-    scheduler: dict
+    scheduler: dict  # DDPMScheduler arguments, or a FlowMatchEulerDiscreteScheduler config (transformers)
     shapes_note: str
     reduced_latent: tuple[int, ...] = (4, 16, 16)
+
+    @property
+    def flow(self) -> bool:
+        return self.unet_class.endswith("Transformer2DModel")
 
 
 _SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -112,7 +128,18 @@ FAMILIES: dict[str, Family] = {
                     {**_SD_SCHEDULE, "prediction_type": "v_prediction"},
                     f"10.24 s at 16 kHz -> latents 8x256x16 (time first); FLAN-T5-large states {TEXT_LEN}x1024 "
                     f"with mask; SD-2.1 v-prediction schedule", reduced_latent=(8, 32, 8)),
+    "sd3": Family("sd3", SD3_REPO / "transformer" / "config.json", "SD3Transformer2DModel", "StableDiffusion3Backbone",
+                  (16, 128, 128), {"encoder_hidden_states": (154, 4096), "pooled_projections": (2048,)},
+                  json.loads((SD3_REPO / "scheduler" / "scheduler_config.json").read_text()),
+                  "1024x1024 -> latents 16x128x128 (4096 tokens of 2x2 patches); states 154x4096 (77 CLIP + 77 "
+                  "T5), pooled 2048; flow matching, shift 3", reduced_latent=(16, 8, 8)),
+    "flux": Family("flux", FLUX_REPO / "transformer" / "config.json", "FluxTransformer2DModel", "FluxBackbone",
+                   (16, 128, 128), {"encoder_hidden_states": (77, 4096), "pooled_projections": (768,)},
+                   json.loads((FLUX_REPO / "scheduler" / "scheduler_config.json").read_text()),
+                   "1024x1024 -> latents 16x128x128 packed to 4096x64; T5 states 77x4096, pooled 768, guidance "
+                   "3.5; flow matching", reduced_latent=(16, 8, 8)),
 }
+IMAGE_FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 REDUCED_TEXT_LEN = 8
 
 
@@ -122,7 +149,13 @@ def published_config(family: str) -> dict:
 
 def reduced_config(config: dict) -> dict:
     """A tiny config of the same class: two blocks of 32/64 channels, one layer each, the same
-    block kinds (mirrored), conditioning widths and embedding types."""
+    block kinds (mirrored), conditioning widths and embedding types; transformers: one layer (of
+    each kind) and a narrow width (Flux keeps its head width, the sum of its rotary axes)."""
+    if config["_class_name"] == "SD3Transformer2DModel":
+        return {**config, "num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8,
+                "caption_projection_dim": 16}
+    if config["_class_name"] == "FluxTransformer2DModel":
+        return {**config, "num_layers": 1, "num_single_layers": 1, "num_attention_heads": 1}
     c = dict(config)
     c["block_out_channels"] = [32, 64]
     c["down_block_types"] = list(config["down_block_types"][:2])
@@ -162,9 +195,12 @@ def build_unet(family: str, reduced: bool = False, seed: int = 0, device=None):
 
 
 def make_scheduler(family: str):
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, clip_sample=False, **FAMILIES[family].scheduler)
+    spec = FAMILIES[family]
+    if spec.flow:
+        return FlowMatchEulerDiscreteScheduler.from_config(spec.scheduler)
+    return DDPMScheduler(num_train_timesteps=1000, clip_sample=False, **spec.scheduler)
 
 
 def condition(family: str, batch: int, reduced: bool = False, seed: int = 1, device=None,
@@ -193,15 +229,17 @@ def latent_shape(family: str, reduced: bool = False, side: int | None = None) ->
     if reduced:
         return spec.reduced_latent
     if side is not None:
-        if family not in ("sd15", "sdxl") or side % 64:
-            raise ValueError(f"{family}: an image side (multiple of 64) applies to sd15/sdxl only, got {side}")
+        if family not in IMAGE_FAMILIES or side % 64:
+            raise ValueError(f"{family}: an image side (multiple of 64) applies to {'/'.join(IMAGE_FAMILIES)} "
+                             f"only, got {side}")
         return (spec.latent[0], side // 8, side // 8)
     return spec.latent
 
 
 def backbone_shim(family: str):
     """The family's :class:`diffdpo.diffusion.models.Backbone` subclass, uninitialised: its
-    ``unet_kwargs`` (how the family calls its UNet) reads nothing from the instance."""
+    ``predict`` / ``unet_kwargs`` (how the family calls its denoiser) read nothing from the instance
+    but class defaults (Flux: its training guidance 3.5)."""
     from diffdpo.diffusion import models
 
     cls = getattr(models, FAMILIES[family].backbone)
@@ -209,14 +247,9 @@ def backbone_shim(family: str):
 
 
 def predictor(family: str) -> Callable:
-    """``predict(unet, noisy, timesteps, cond)``: the family backbone's own UNet call
-    (``diffdpo.diffusion.models``: its ``unet_kwargs``), without loading a pipeline."""
-    shim = backbone_shim(family)
-
-    def predict(unet, noisy, timesteps, cond):
-        return unet(noisy, timesteps, **shim.unet_kwargs(cond)).sample
-
-    return predict
+    """``predict(unet, noisy, timesteps, cond)``: the family backbone's own denoiser call
+    (``diffdpo.diffusion.models``: its ``predict``), without loading a pipeline."""
+    return backbone_shim(family).predict
 
 
 # ==================================================================== variants
@@ -276,6 +309,8 @@ DEFAULT_PLAN: list[tuple[str, str]] = [
     ("tango", "lora+lora_disabled+gc"), ("tango", "lora+lora_disabled+bf16"), ("tango", "lora+cached"),
     ("sd15", "lora+lora_disabled+fp16"), ("sd15", "lora+lora_disabled+bf16"), ("sd15", "lora+lora_disabled+gc"),
     ("sd15", "full+cached+gc+adamw8bit"), ("sd15", "lora+cached"), ("sd15", "lora+lora_disabled+adamw8bit"),
+    ("sd3", "lora+lora_disabled+gc"), ("sd3", "lora+lora_disabled+gc@768"), ("sd3", "lora+lora_disabled+gc@512"),
+    ("sd3", "full+copy"), ("flux", "lora+lora_disabled+gc"),
 ]
 
 
@@ -535,10 +570,10 @@ def _measure(family, v, steps, warmup, reduced, device, floor_steps, sft_steps, 
         _sync(device)
         return time.perf_counter() - t0, time.process_time() - c0, out
 
-    # plain-torch inputs of the floor (the noising is part of neither timing)
+    # plain-torch inputs of the floor (the noising is part of neither timing); it calls the denoiser
+    # as the family does (predict: Flux packs latents), with nothing of the toolkit's DPO step around it
     inputs = pair_inputs(scheduler, w_lat, l_lat, draws)
     cond2 = repeat_for_pair(cond)
-    unet_kwargs = backbone_shim(family).unet_kwargs
     ref_module = reference.unet if v.reference == "copy" else None
     amp = dict(device_type=torch.device(device).type, dtype=weight_dtype, enabled=v.precision == "bf16" or
                (v.precision == "fp16" and is_cuda))
@@ -546,20 +581,20 @@ def _measure(family, v, steps, warmup, reduced, device, floor_steps, sft_steps, 
     def floor_step(winner_only: bool = False):
         n = 1 if winner_only else 2
         x, t, target = inputs.noisy[:n], inputs.timesteps[:n], inputs.target[:n]
-        kw = unet_kwargs({k: val[:n] for k, val in cond2.items()})
+        c = {k: val[:n] for k, val in cond2.items()}
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         with torch.autocast(**amp):
-            pred = unet(x, t, **kw).sample
+            pred = predict(unet, x, t, c)
             loss = (pred.float() - target.float()).pow(2).mean()
             if not winner_only and v.reference != "cached":
                 with torch.no_grad():
                     if ref_module is not None:
-                        ref_module(x, t, **kw)
+                        predict(ref_module, x, t, c)
                     else:
                         unet.disable_adapters()
                         try:
-                            unet(x, t, **kw)
+                            predict(unet, x, t, c)
                         finally:
                             unet.enable_adapters()
         loss.backward()

@@ -55,8 +55,9 @@ def test_published_unet_configs_are_the_hub_files():
         "30ebc70750223e59006f7f2b4e1e6c102570aa19a9c4ae3e1fbe7591332dbae6"
     assert (unets / "audioldm2.json").stat().st_size == 1514
     assert "huggingface.co" in (unets / "SOURCES.md").read_text()
-    for family, spec in bfs.FAMILIES.items():  # each family's latent channels match its UNet's
-        assert json.loads(spec.config.read_text())["in_channels"] == spec.latent[0], family
+    for family, spec in bfs.FAMILIES.items():  # each family's latent channels match its denoiser's
+        packed = 4 if family == "flux" else 1  # Flux reads 2x2 patches packed into channels
+        assert json.loads(spec.config.read_text())["in_channels"] == packed * spec.latent[0], family
 
 
 @pytest.mark.parametrize("family", list(bfs.FAMILIES))
@@ -154,6 +155,21 @@ def test_unsupported_and_oversized_variants_are_named_not_run():
     assert bfs.static_gib(counts["params"], counts["lora"], bfs.Variant.parse("lora+lora_disabled")) < 12
     v = bfs.Variant.parse("lora+lora_disabled+gc@512")
     assert v.side == 512 and v.base == "lora+lora_disabled+gc" and bfs.latent_shape("sdxl", side=512) == (4, 64, 64)
+
+
+def test_flow_transformers_at_published_size_what_fits_24_gib():
+    """SD3-medium's transformer (2.03B) trains with LoRA within 24 GiB before activations; a full fine-tune
+    with a frozen copy does not; FLUX.1-dev's (11.9B, the size its bf16 weight index gives: 23.8 GB) does not
+    fit even its fp32 weights. Counted on the meta device from the published configs."""
+    sd3, flux = bfs.count_params("sd3"), bfs.count_params("flux")
+    assert sd3["params"] == 2_028_328_000 and flux["params"] == 11_901_408_320
+    assert abs(flux["params"] * 2 - 23_802_816_640) < 0.001 * 23_802_816_640
+    lora = bfs.Variant.parse("lora+lora_disabled+gc")
+    assert bfs.static_gib(sd3["params"], sd3["lora"], lora) < 10
+    assert bfs.static_gib(sd3["params"], sd3["lora"], bfs.Variant.parse("full+copy")) > 24
+    assert bfs.static_gib(flux["params"], flux["lora"], lora) > 44
+    assert bfs.latent_shape("sd3", side=512) == (16, 64, 64)
+    assert "flux" in {f for f, _ in bfs.DEFAULT_PLAN} and bfs.make_scheduler("sd3").config.shift == 3.0
 
 
 def test_gpu_check_cpu_reduced_writes_its_table(tmp_path):

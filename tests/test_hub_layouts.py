@@ -1,6 +1,6 @@
 """Every family loads from its hub repository's exact layout (random weights, shrunk widths).
 
-For each of the six repositories users download (``PUBLISHED_REPOS``), ``build_from_published`` writes a
+For each of the repositories users download (``PUBLISHED_REPOS``), ``build_from_published`` writes a
 folder in the repository's layout; the tests check
 
 (a) the folder's ``model_index.json`` equals the published one (nothing changed: the SD1.5 safety checker is
@@ -9,6 +9,9 @@ folder in the repository's layout; the tests check
       UNet: block_out_channels, layers_per_block, norm_num_groups, attention_head_dim,
             transformer_layers_per_block, cross_attention_dim, projection_class_embeddings_input_dim,
             addition_time_embed_dim;
+      SD3 / Flux transformer: num_layers (Flux: and num_single_layers), num_attention_heads, joint_attention_dim,
+            pooled_projection_dim (SD3: and attention_head_dim, caption_projection_dim; Flux keeps its head width
+            128, the sum of its rotary axes);
       VAE: block_out_channels, layers_per_block, norm_num_groups;
       CLIP / CLAP text, T5, GPT-2: hidden sizes, intermediate sizes, heads, layers, projection dims, vocab_size
             (GPT-2 keeps its vocabulary);
@@ -136,7 +139,8 @@ def _one_step(backbone, tmp_path: Path):
         Image.fromarray((np.random.RandomState(0).rand(80, 96, 3) * 255).astype("uint8")).save(tmp_path / "im.png")
         media = backbone.load_media(tmp_path / "im.png")
     latents = backbone.media_to_latents(media.unsqueeze(0))
-    assert latents.shape[1] == backbone.unet.config.in_channels and torch.isfinite(latents).all()
+    packed = 4 if backbone.family == "flux" else 1  # Flux's transformer reads 2x2 patches packed into channels
+    assert latents.shape[1] * packed == backbone.unet.config.in_channels and torch.isfinite(latents).all()
     pred = backbone.predict(backbone.unet, torch.randn_like(latents), torch.tensor([500]), cond)
     assert pred.shape == latents.shape and torch.isfinite(pred).all()
     return cond, latents

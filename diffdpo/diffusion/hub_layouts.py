@@ -4,10 +4,11 @@ Users fetch a model with ``hf download <repo> --local-dir models/<name>`` and po
 ``model.name_or_path`` at that folder. This module writes a folder with the same sub-folder names, the same
 ``model_index.json`` and the same component configs as the repository publishes (facts carried under
 ``published/hub/<org>--<name>/``, their sources in ``published/hub/SOURCES.md``; UNet configs under
-``published/unets/``), with random weights. With ``shrink=True`` the widths are cut down (channels, hidden
-sizes, layers, heads, vocabularies) consistently, so that every cross-dimension still matches; every other
-published value is kept. Tokenizers are the real classes over a small character vocabulary, saved under the
-real sub-folder names beside the published ``tokenizer_config.json`` / ``special_tokens_map.json``.
+``published/unets/``, transformer configs in the repository's own folder), with random weights. With
+``shrink=True`` the widths are cut down (channels, hidden sizes, layers, heads, vocabularies) consistently, so
+that every cross-dimension still matches; every other published value is kept. Tokenizers are the real classes
+over a small character vocabulary, saved under the real sub-folder names beside the published
+``tokenizer_config.json`` / ``special_tokens_map.json``.
 
 ``shrink=False`` keeps the published sizes (for full-size benches: several GB of random weights).
 """
@@ -33,6 +34,8 @@ PUBLISHED_REPOS: dict[str, str] = {
     "cvssp/audioldm2-music": "audioldm2",
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "stabilityai/stable-diffusion-3-medium-diffusers": "sd3",
+    "black-forest-labs/FLUX.1-dev": "flux",
 }
 
 # UNet configs another part of the project carries under published/unets/<name>.json, by family; a repository
@@ -65,7 +68,8 @@ def published_files(repo: str) -> dict[str, dict]:
         raise ValueError(f"unknown repository {repo!r}; valid: {list(PUBLISHED_REPOS)}")
     root = repo_dir(repo)
     files = {p.relative_to(root).as_posix(): _read(p) for p in sorted(root.rglob("*.json"))}
-    files["unet/config.json"] = _read(unet_config_path(repo))
+    if "unet" in files["model_index.json"]:  # transformer repositories carry their transformer/config.json here
+        files["unet/config.json"] = _read(unet_config_path(repo))
     return files
 
 
@@ -83,6 +87,8 @@ _CLIP = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "
 _CLIP_2 = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}
 _CLAP_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1}
 _T5 = {"d_model": 24, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2}
+_T5_SD3 = 64         # SD3 pads the two CLIP widths (16 + 32) up to the T5 width, so T5 must be the widest
+_SD3_HEADS, _SD3_HEAD_DIM = 2, 8
 _GPT2 = {"n_embd": 16, "n_layer": 1, "n_head": 2}
 _PROJ = 16           # CLIP/CLAP projection_dim
 _TIME_EMBED = 8      # SDXL addition_time_embed_dim
@@ -140,6 +146,19 @@ def _unet_widths(files: dict[str, dict], family: str, comp: dict[str, dict]) -> 
     return w
 
 
+def _transformer_widths(files: dict[str, dict], family: str, comp: dict[str, dict]) -> dict[str, Any]:
+    """SD3 / Flux transformer: fewer layers and heads; text widths follow the shrunk encoders."""
+    if family == "sd3":  # pooled = both CLIP projections concatenated; context = T5 width
+        return {"num_layers": 2, "num_attention_heads": _SD3_HEADS, "attention_head_dim": _SD3_HEAD_DIM,
+                "caption_projection_dim": _SD3_HEADS * _SD3_HEAD_DIM,
+                "joint_attention_dim": comp["text_encoder_3"]["d_model"],
+                "pooled_projection_dim": sum(comp[n]["projection_dim"] for n in ("text_encoder", "text_encoder_2"))}
+    # Flux: attention_head_dim stays 128, the sum of the rotary axes (16, 56, 56) the config does not list
+    return {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 1,
+            "joint_attention_dim": comp["text_encoder_2"]["d_model"],
+            "pooled_projection_dim": comp["text_encoder"]["hidden_size"]}
+
+
 def check_published_dimensions(repo: str) -> None:
     """The cross-dimensions the shrinking keeps consistent hold in the published facts themselves."""
 
@@ -148,7 +167,11 @@ def check_published_dimensions(repo: str) -> None:
             raise ValueError(f"{repo}: published facts disagree: {what}")
 
     files, family = published_files(repo), PUBLISHED_REPOS[repo]
-    unet, vae = files["unet/config.json"], files["vae/config.json"]
+    vae = files["vae/config.json"]
+    if family in ("sd3", "flux"):
+        _check_transformer_dimensions(files, family, vae, require)
+        return
+    unet = files["unet/config.json"]
     require(vae["latent_channels"] == unet["in_channels"] == unet["out_channels"], "VAE latents vs UNet channels")
     if family == "sd15":
         te = files["text_encoder/config.json"]
@@ -174,6 +197,24 @@ def check_published_dimensions(repo: str) -> None:
                 "projection model vs CLAP projection_dim")
         require(proj["text_encoder_1_dim"] == t5["d_model"], "projection model vs T5 width")
         require(proj["langauge_model_dim"] == gpt["n_embd"], "projection model vs GPT-2 width")
+
+
+def _check_transformer_dimensions(files: dict[str, dict], family: str, vae: dict, require) -> None:
+    tr = files["transformer/config.json"]
+    if family == "sd3":
+        te, te2, t5 = (files[f"{n}/config.json"] for n in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+        require(vae["latent_channels"] == tr["in_channels"] == tr["out_channels"], "VAE latents vs transformer")
+        require(tr["pooled_projection_dim"] == te["projection_dim"] + te2["projection_dim"], "pooled CLIP width")
+        require(tr["joint_attention_dim"] == t5["d_model"] >= te["hidden_size"] + te2["hidden_size"],
+                "joint_attention_dim vs T5 width (the CLIP states are zero-padded up to it)")
+        require(tr["caption_projection_dim"] == tr["num_attention_heads"] * tr["attention_head_dim"],
+                "caption_projection_dim vs the transformer width")
+    else:  # flux: 2x2 patches of latents packed into the channel dimension
+        te, t5 = files["text_encoder/config.json"], files["text_encoder_2/config.json"]
+        require(tr["in_channels"] == 4 * vae["latent_channels"], "transformer in_channels vs 2x2-packed latents")
+        require(tr["pooled_projection_dim"] == te["hidden_size"], "pooled CLIP width")
+        require(tr["joint_attention_dim"] == t5["d_model"], "joint_attention_dim vs T5 width")
+        require(tr["attention_head_dim"] == 16 + 56 + 56, "attention_head_dim vs the rotary axes (16, 56, 56)")
 
 
 def shrunk_widths(repo: str, vocab_sizes: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
@@ -214,6 +255,8 @@ def shrunk_widths(repo: str, vocab_sizes: dict[str, int] | None = None) -> dict[
                       "audio_config.projection_dim": _PROJ})
         elif cls == "T5EncoderModel":
             w = dict(_T5, vocab_size=vocab.get(name))
+            if family == "sd3":
+                w["d_model"] = _T5_SD3
         elif cls in ("GPT2Model", "GPT2LMHeadModel"):
             w = dict(_GPT2)  # vocab_size kept: bos/eos ids (50256) must stay inside it; GPT-2 only reads embeddings
         elif cls == "SpeechT5HifiGan":
@@ -227,7 +270,10 @@ def shrunk_widths(repo: str, vocab_sizes: dict[str, int] | None = None) -> dict[
     if family == "audioldm2":
         comp["projection_model"] = {"text_encoder_dim": _PROJ, "text_encoder_1_dim": _T5["d_model"],
                                     "langauge_model_dim": _GPT2["n_embd"]}
-    comp["unet"] = _unet_widths(files, family, comp)
+    if "transformer" in index:
+        comp["transformer"] = _transformer_widths(files, family, comp)
+    else:
+        comp["unet"] = _unet_widths(files, family, comp)
     return comp
 
 
@@ -237,7 +283,7 @@ _CHARS = string.ascii_lowercase + string.digits
 
 # Tokenizer folders of the published repositories also hold tokenizer.json (the fast-tokenizer file) for the
 # audio repositories only; the Stable Diffusion ones hold vocab.json + merges.txt alone (see SOURCES.md).
-_TOKENIZER_JSON = {"audioldm": True, "audioldm2": True, "sd15": False, "sdxl": False}
+_TOKENIZER_JSON = {"audioldm": True, "audioldm2": True, "sd15": False, "sdxl": False, "sd3": False, "flux": False}
 
 
 def _bpe_vocab(words: dict[str, int], folder: Path) -> None:
@@ -376,7 +422,7 @@ def build_from_published(repo: str, path: str | Path, shrink: bool = True, seed:
         _write_tokenizer(cls_name, path / name, files[f"{name}/tokenizer_config.json"],
                          files[f"{name}/special_tokens_map.json"], _TOKENIZER_JSON[PUBLISHED_REPOS[repo]])
         size = len(getattr(transformers, cls_name).from_pretrained(path / name))
-        encoder = {"tokenizer": "text_encoder", "tokenizer_2": "text_encoder_2"}[name]
+        encoder = name.replace("tokenizer", "text_encoder")
         vocab_sizes[encoder] = vocab_sizes[name] = size
 
     widths = shrunk_widths(repo, vocab_sizes) if shrink else {}

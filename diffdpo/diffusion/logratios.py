@@ -15,6 +15,11 @@ The target is read from the noise scheduler, never hard-coded: ``epsilon`` -> ep
 ``v_prediction`` -> ``scheduler.get_velocity``, flow-matching schedulers (``FlowMatch*``) ->
 ``eps - x0`` with ``x_t = (1 - sigma) x0 + sigma eps``.
 
+Timesteps are drawn uniformly over the schedule's indices, or (``sampling="logit_normal"``) at
+``u = sigmoid(N(logit_mean, logit_std))``, index ``floor(u * steps)``: SD3's rectified-flow sampling
+(Esser et al. 2024, arXiv:2403.03206), which diffusers' SD3 training example, TangoFlux and
+flow_grpo's SD3 DPO use (``diffusers.training_utils.compute_density_for_timestep_sampling``).
+
 Noise, timestep and prompt dropout come from a per-pair seed (:func:`pair_seed`), not from a global
 RNG stream: the same pair gets the same draws whichever process or micro-batch it lands in, so
 multi-process runs, resumed runs and cached reference errors all see identical noise.
@@ -61,13 +66,22 @@ class PairDraws:
     drop_prompt: Tensor
 
 
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+
 def draw_pairs(seeds: list[int], latent_shape: tuple[int, ...], num_steps: int, proportion_empty_prompts: float,
-               device=None, dtype=torch.float32, step_range: tuple[float, float] = (0.0, 1.0)) -> PairDraws:
+               device=None, dtype=torch.float32, step_range: tuple[float, float] = (0.0, 1.0),
+               sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0) -> PairDraws:
     """Noise, timestep index and prompt-dropout decision of each pair, each from its own seed.
 
     ``step_range`` restricts the timestep index to that fraction of the schedule (DDPM-style
-    schedules: ``(0.5, 1.0)`` is the noisier half, where a sample's layout is decided); the
-    default draws exactly as before."""
+    schedules: ``(0.5, 1.0)`` is the noisier half, where a sample's layout is decided; flow-matching
+    schedules run the other way, index 0 = pure noise); ``sampling`` is :data:`TIMESTEP_SAMPLING`'s
+    density over it. The defaults draw exactly as before."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    if sampling not in TIMESTEP_SAMPLING:
+        raise ValueError(f"timestep sampling {sampling!r}: valid are {list(TIMESTEP_SAMPLING)}")
     low, high = round(step_range[0] * num_steps), round(step_range[1] * num_steps)
     if not 0 <= low < high <= num_steps:
         raise ValueError(f"timestep range {list(step_range)} is empty or outside [0, 1]")
@@ -75,7 +89,11 @@ def draw_pairs(seeds: list[int], latent_shape: tuple[int, ...], num_steps: int, 
     for s in seeds:
         g = torch.Generator().manual_seed(int(s))
         noise.append(torch.randn(latent_shape, generator=g))
-        steps.append(torch.randint(low, high, (1,), generator=g))
+        if sampling == "uniform":
+            steps.append(torch.randint(low, high, (1,), generator=g))
+        else:  # sigmoid(normal) can round to 1.0 in float32: clamp into the range
+            u = compute_density_for_timestep_sampling(sampling, 1, logit_mean, logit_std, generator=g)
+            steps.append((low + (u * (high - low)).long()).clamp(max=high - 1))
         drops.append(torch.rand(1, generator=g) < proportion_empty_prompts)
     return PairDraws(torch.stack(noise).to(device=device, dtype=dtype), torch.cat(steps).to(device),
                      torch.cat(drops).to(device))

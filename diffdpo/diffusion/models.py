@@ -10,9 +10,14 @@ A :class:`Backbone` knows, for its family, how to turn a prompt into the UNet's 
 * ``audioldm2`` — diffusers ``AudioLDM2Pipeline`` (GPT-2 generated + T5 states, two cross-attentions).
 * ``sd15``      — diffusers ``StableDiffusionPipeline``.
 * ``sdxl``      — diffusers ``StableDiffusionXLPipeline`` (pooled text + size/crop time ids).
+* ``sd3``       — diffusers ``StableDiffusion3Pipeline`` (SD3Transformer2DModel, flow matching; two CLIP
+  + T5 states and pooled CLIP).
+* ``flux``      — diffusers ``FluxPipeline`` (FluxTransformer2DModel, flow matching; T5 states, pooled
+  CLIP, 2x2-packed latents with image ids, FLUX.1-dev's distilled guidance embedding).
 
 Text encoders and the VAE are frozen (every published setting freezes them) and stay float32;
-only the UNet trains. Latents use the VAE posterior *mean* so that cached latents are exact.
+only the denoiser trains: the UNet, or the transformer of SD3 / Flux (called ``unet`` here and in the
+trainer, whichever it is). Latents use the VAE posterior *mean* so that cached latents are exact.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch import Tensor
 
 from diffdpo.diffusion.hub import OfflineModelError, from_pretrained
 
-FAMILIES = ("tango", "audioldm", "audioldm2", "sd15", "sdxl")
+FAMILIES = ("tango", "audioldm", "audioldm2", "sd15", "sdxl", "sd3", "flux")
 
 
 class Backbone:
@@ -37,7 +42,8 @@ class Backbone:
 
     def __init__(self, pipe, resolution: int = 512, audio_seconds: float = 10.0):
         self.pipe = pipe
-        self.unet, self.vae = pipe.unet, pipe.vae
+        self.unet = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+        self.vae = pipe.vae
         self.resolution, self.audio_seconds = resolution, audio_seconds
 
     # ---------------------------------------------------------------- conditions
@@ -87,11 +93,16 @@ class Backbone:
     def save_pretrained(self, path: Path) -> None:
         self.pipe.save_pretrained(path)
 
-    def save_lora(self, path: Path, unet_lora_layers: dict[str, Tensor]) -> None:
-        """``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(path)`` loads."""
-        from diffusers import StableDiffusionPipeline
+    lora_writer = "StableDiffusionPipeline"  # the diffusers pipeline class whose save_lora_weights writes the file
 
-        StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=unet_lora_layers, safe_serialization=True)
+    def save_lora(self, path: Path, lora_state: dict[str, Tensor]) -> None:
+        """``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(path)`` loads, from the
+        denoiser's peft state dict (UNets: converted to diffusers' key names, as its examples save them)."""
+        import diffusers
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        getattr(diffusers, self.lora_writer).save_lora_weights(
+            path, unet_lora_layers=convert_state_dict_to_diffusers(lora_state), safe_serialization=True)
 
     @property
     def sample_rate(self) -> int:
@@ -109,6 +120,7 @@ class StableDiffusionBackbone(Backbone):
 
 class StableDiffusionXLBackbone(Backbone):
     family, media = "sdxl", "image"
+    lora_writer = "StableDiffusionXLPipeline"
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> dict[str, Tensor]:
@@ -122,11 +134,6 @@ class StableDiffusionXLBackbone(Backbone):
     def unet_kwargs(self, cond):
         return {"encoder_hidden_states": cond["encoder_hidden_states"],
                 "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}}
-
-    def save_lora(self, path, unet_lora_layers):
-        from diffusers import StableDiffusionXLPipeline
-
-        StableDiffusionXLPipeline.save_lora_weights(path, unet_lora_layers=unet_lora_layers, safe_serialization=True)
 
 
 class AudioLDMBackbone(Backbone):
@@ -212,8 +219,89 @@ class TangoBackbone(Backbone):
                          seed=seed, output="audio")
 
 
-def load_backbone(family: str, name_or_path: str, resolution: int = 512, audio_seconds: float = 10.0) -> Backbone:
-    """Load a family's pipeline from a local folder or hub id (see :func:`diffdpo.diffusion.hub.from_pretrained`)."""
+class FlowTransformerBackbone(Backbone):
+    """SD3 / Flux: a flow-matching transformer (target ``noise - latents``, read from the
+    ``FlowMatchEulerDiscreteScheduler`` by :mod:`diffdpo.diffusion.logratios`).
+
+    Prompts are encoded to ``max_sequence_length`` T5 tokens in training and sampling alike: 77, the
+    default of diffusers' ``train_dreambooth_lora_sd3.py`` / ``train_dreambooth_lora_flux.py``
+    (the pipelines' own default is longer: 256 for SD3, 512 for Flux)."""
+
+    media = "image"
+    max_sequence_length = 77
+
+    @torch.no_grad()
+    def sample(self, prompts, num_inference_steps, guidance_scale, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return list(self.pipe(list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              generator=gen, height=self.resolution, width=self.resolution,
+                              max_sequence_length=self.max_sequence_length).images)
+
+    def save_lora(self, path, lora_state):
+        """The peft state dict as it is, as diffusers' SD3 / Flux LoRA examples save it (converted to
+        diffusers' old ``lora.down`` names, SD3's loader would drop the ``to_q/k/v/out`` layers)."""
+        type(self.pipe).save_lora_weights(path, transformer_lora_layers=lora_state, safe_serialization=True)
+
+
+class StableDiffusion3Backbone(FlowTransformerBackbone):
+    family = "sd3"
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> dict[str, Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=[prompt], prompt_2=None, prompt_3=None, device=self.unet.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
+
+    def predict(self, unet, noisy, timesteps, cond):
+        return unet(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
+                    pooled_projections=cond["pooled_projections"]).sample
+
+
+class FluxBackbone(FlowTransformerBackbone):
+    """Latents stay ``[B, 16, h, w]`` everywhere else (noise, target, MSE); :meth:`predict` packs them
+    into 2x2 patches with their image ids for the transformer and unpacks its output, as
+    ``FluxPipeline`` and diffusers' ``train_dreambooth_lora_flux.py`` do.
+
+    ``guidance`` is the value fed to a guidance-distilled transformer's guidance embedding
+    (FLUX.1-dev) in training: 3.5, the default of ``train_dreambooth_lora_flux.py`` (its README runs use
+    1.0); a transformer without the embedding (FLUX.1-schnell) gets none. Sampling feeds it the
+    sampler's ``guidance_scale``, as ``FluxPipeline`` does."""
+
+    family = "flux"
+    guidance = 3.5
+
+    def __init__(self, pipe, resolution: int = 512, audio_seconds: float = 10.0, guidance: float = 3.5):
+        super().__init__(pipe, resolution, audio_seconds)
+        self.guidance = guidance
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> dict[str, Tensor]:
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=self.unet.device,
+                                                    num_images_per_prompt=1,
+                                                    max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
+
+    def predict(self, unet, noisy, timesteps, cond):
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
+        states = cond["encoder_hidden_states"]
+        guidance = None
+        if getattr(unet, "module", unet).config.guidance_embeds:  # DDP-wrapped or not
+            guidance = torch.full((b,), self.guidance, device=noisy.device, dtype=noisy.dtype)
+        out = unet(hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w), timestep=timesteps / 1000,
+                   guidance=guidance, pooled_projections=cond["pooled_projections"], encoder_hidden_states=states,
+                   txt_ids=torch.zeros(states.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+                   img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)).sample
+        # _unpack_latents takes pixel sizes and the VAE factor; latent sizes with factor 1 are the same view
+        return FluxPipeline._unpack_latents(out, h, w, 1)
+
+
+def load_backbone(family: str, name_or_path: str, resolution: int = 512, audio_seconds: float = 10.0,
+                  guidance: float = 3.5) -> Backbone:
+    """Load a family's pipeline from a local folder or hub id (see :func:`diffdpo.diffusion.hub.from_pretrained`).
+    ``guidance``: Flux's training guidance value (:class:`FluxBackbone`)."""
     if family not in FAMILIES:
         raise ValueError(f"model.family: unknown {family!r}; valid: {list(FAMILIES)}")
     if family == "tango":
@@ -232,6 +320,8 @@ def load_backbone(family: str, name_or_path: str, resolution: int = 512, audio_s
         "sdxl": ("StableDiffusionXLPipeline", StableDiffusionXLBackbone),
         "audioldm": ("AudioLDMPipeline", AudioLDMBackbone),
         "audioldm2": ("AudioLDM2Pipeline", AudioLDM2Backbone),
+        "sd3": ("StableDiffusion3Pipeline", StableDiffusion3Backbone),
+        "flux": ("FluxPipeline", FluxBackbone),
     }[family]
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
     if family == "audioldm2":
@@ -240,8 +330,12 @@ def load_backbone(family: str, name_or_path: str, resolution: int = 512, audio_s
         from transformers import GPT2LMHeadModel
 
         kwargs["language_model"] = from_pretrained(GPT2LMHeadModel, name_or_path, subfolder="language_model")
-    pipe = from_pretrained(getattr(diffusers, cls_name), name_or_path, **kwargs)
+    # float32 whatever the configs say: transformers 5 loads a component in its config's torch_dtype (the
+    # published SDXL / SD3 text encoders say float16), which half-precision-mismatches the rest on a CPU
+    pipe = from_pretrained(getattr(diffusers, cls_name), name_or_path, dtype=torch.float32, **kwargs)
     pipe.set_progress_bar_config(disable=True)
+    if family == "flux":
+        return FluxBackbone(pipe, resolution, audio_seconds, guidance)
     return backbone(pipe, resolution, audio_seconds)
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-TINY_FAMILIES = ("tango", "audioldm", "sd15", "sdxl", "audioldm2")
+TINY_FAMILIES = ("tango", "audioldm", "sd15", "sdxl", "audioldm2", "sd3", "flux")
+# families whose tiny folder is their published repository's layout, shrunk (diffdpo.diffusion.hub_layouts)
+_FROM_HUB_LAYOUT = {"sd3": "stabilityai/stable-diffusion-3-medium-diffusers", "flux": "black-forest-labs/FLUX.1-dev"}
 
 
 def build_tiny(family: str, path: str | Path, seed: int = 0) -> Path:
@@ -23,9 +25,13 @@ def build_tiny(family: str, path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     if (path / "model_index.json").is_file():
         return path
+    if family in _FROM_HUB_LAYOUT:
+        from diffdpo.diffusion.hub_layouts import build_from_published
+
+        return build_from_published(_FROM_HUB_LAYOUT[family], path, seed=seed)
     builders = {"tango": _tango, "audioldm": _audioldm, "audioldm2": _audioldm2, "sd15": _sd15, "sdxl": _sdxl}
     if family not in builders:
-        raise ValueError(f"no tiny builder for family {family!r}; valid: {list(builders)}")
+        raise ValueError(f"no tiny builder for family {family!r}; valid: {list(TINY_FAMILIES)}")
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     builders[family](path)

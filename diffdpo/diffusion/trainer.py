@@ -4,7 +4,8 @@
     diffdpo train --config recipes/configs/tango2_dpo.yaml ...            # the same, installed
     accelerate launch recipes/diffusion_dpo.py --config recipes/configs/sd15_dpo.yaml
 
-Families: tango (Tango-shaped folder, docs/model_layout.md), audioldm, audioldm2, sd15, sdxl.
+Families: tango (Tango-shaped folder, docs/model_layout.md), audioldm, audioldm2, sd15, sdxl,
+sd3, flux (flow-matching transformers: Flow-DPO, the same loss on velocity errors).
 Top to bottom:
 
 1. load the backbone (hub id or local folder; offline without a copy it stops at once, saying
@@ -52,7 +53,7 @@ log = logging.getLogger("diffusion_dpo")
 
 @dataclass
 class ModelConfig:
-    family: str = field(default="sd15", metadata={"help": "tango | audioldm | audioldm2 | sd15 | sdxl"})
+    family: str = field(default="sd15", metadata={"help": "tango | audioldm | audioldm2 | sd15 | sdxl | sd3 | flux"})
     name_or_path: str = field(default="", metadata={"help": "hub id or local folder"})
     tiny: bool = field(default=False, metadata={"help": "build a tiny random model of the family's real classes "
                                                         "at name_or_path first (tests, CPU smoke runs)"})
@@ -60,7 +61,11 @@ class ModelConfig:
     audio_seconds: float = field(default=10.0, metadata={"help": "clip length (audio is cropped / zero-padded)"})
     lora_rank: int = field(default=0, metadata={"help": "0 = full fine-tuning of the UNet"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default = rank)"})
-    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={
+        "help": "module names LoRA wraps (SD3 / Flux configs add the text stream's add_q/k/v_proj, to_add_out)"})
+    guidance: float = field(default=3.5, metadata={
+        "help": "flux: the guidance value a guidance-distilled transformer (FLUX.1-dev) is fed in training "
+                "(diffusers train_dreambooth_lora_flux.py --guidance_scale, default 3.5)"})
     gradient_checkpointing: bool = False
 
 
@@ -127,7 +132,11 @@ class TrainConfig:
     fixed_draws: bool = field(default=False, metadata={"help": "same noise/timestep for a pair every epoch"})
     timestep_range: list[float] = field(default_factory=lambda: [0.0, 1.0], metadata={
         "help": "fraction of the training timestep indices pairs are drawn from "
-                "(DDPM-style schedules: [0.5, 1.0] = the noisier half)"})
+                "(DDPM-style schedules: [0.5, 1.0] = the noisier half; flow matching: [0.0, 0.5])"})
+    timestep_sampling: str = field(default="uniform", metadata={
+        "help": "uniform | logit_normal: u = sigmoid(N(logit_mean, logit_std)) over that range (SD3, TangoFlux)"})
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     cache_latents: bool = True
     cache_dir: str | None = field(default=None, metadata={"help": "default <output_dir>/cache"})
     save_every: int = 0
@@ -162,6 +171,11 @@ class DiffusionDPOConfig:
         span = self.train.timestep_range
         if len(span) != 2 or not 0 <= span[0] < span[1] <= 1:
             raise ValueError(f"train.timestep_range: {span} is not [low, high] with 0 <= low < high <= 1")
+        from diffdpo.diffusion.logratios import TIMESTEP_SAMPLING
+
+        if self.train.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"train.timestep_sampling: unknown {self.train.timestep_sampling!r}; "
+                             f"valid: {list(TIMESTEP_SAMPLING)}")
         if self.reference == "cached":
             self.train.fixed_draws = True  # cached errors are only valid under each pair's fixed draws
         if not self.model.name_or_path:
@@ -260,15 +274,17 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
         if cfg.model.tiny:
             build_tiny(cfg.model.family, cfg.model.name_or_path, seed=tc.seed)
         backbone = load_backbone(cfg.model.family, cfg.model.name_or_path, cfg.model.resolution,
-                                 cfg.model.audio_seconds)
+                                 cfg.model.audio_seconds, cfg.model.guidance)
     pipe, unet = backbone.pipe, backbone.unet
-    for name in ("vae", "text_encoder", "text_encoder_2", "projection_model", "language_model", "vocoder"):
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "projection_model", "language_model",
+                 "vocoder"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False).eval().to(accelerator.device)
+    # the training (noising) schedule, apart from the pipeline's: sampling's set_timesteps rewrites that one
     scheduler = backbone.pipe.scheduler
-    if prediction_kind(scheduler) != "flow_matching":
-        scheduler = DDPMScheduler.from_config(scheduler.config)  # the training (noising) schedule
+    train_cls = type(scheduler) if prediction_kind(scheduler) == "flow_matching" else DDPMScheduler
+    scheduler = train_cls.from_config(scheduler.config)
     unet.to(accelerator.device).train()
     if cfg.model.lora_rank > 0:
         from peft import LoraConfig
@@ -303,7 +319,8 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
     def draws_for(indices: list[int], epoch: int):
         seeds = [pair_seed(tc.seed, i, None if tc.fixed_draws else epoch) for i in indices]
         return draw_pairs(seeds, latent_shape, n_steps_noise, tc.proportion_empty_prompts, accelerator.device,
-                          step_range=tuple(tc.timestep_range))
+                          step_range=tuple(tc.timestep_range), sampling=tc.timestep_sampling,
+                          logit_mean=tc.logit_mean, logit_std=tc.logit_std)
 
     def batch_inputs(indices: list[int], epoch: int):
         draws = draws_for(indices, epoch)
@@ -336,7 +353,9 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
                     unet.enable_adapters()
 
         ref_key = cache_key({"encoded": key, "seed": tc.seed, "drop": tc.proportion_empty_prompts,
-                             "range": tc.timestep_range, "guidance": cfg.loss.guidance_scale})
+                             "range": tc.timestep_range, "guidance": cfg.loss.guidance_scale,
+                             "sampling": [tc.timestep_sampling, tc.logit_mean, tc.logit_std],
+                             "flux_guidance": cfg.model.guidance})
         with accelerator.main_process_first():
             table = compute_reference_errors(cache_dir / f"reference_{ref_key}.safetensors", len(pairs),
                                              tc.per_device_batch, errors_of)
@@ -453,10 +472,9 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
     final = out_dir / "final"
     if accelerator.is_main_process:
         if cfg.model.lora_rank > 0:
-            from diffusers.utils import convert_state_dict_to_diffusers
             from peft.utils import get_peft_model_state_dict
 
-            backbone.save_lora(final, convert_state_dict_to_diffusers(get_peft_model_state_dict(raw_unet)))
+            backbone.save_lora(final, get_peft_model_state_dict(raw_unet))
         else:
             backbone.save_pretrained(final)
     accelerator.wait_for_everyone()
