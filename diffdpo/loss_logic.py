@@ -494,6 +494,7 @@ NOT_DECOMPILED: dict[str, str] = {
     "aot": "sorts log-ratios across the batch: pairs are not independent worlds",
     "aot_unpaired": "sorts log-ratios across the batch: pairs are not independent worlds",
     "kto": "unpaired, with a batch reference point",
+    "mapo": "a bounded score of denoising errors, not a log-probability of a formula",
 }
 
 

@@ -18,7 +18,8 @@ Conventions that differ between published code are explicit here:
   SD1.5 example (``train_diffusion_dpo.py``, B = 2500) writes ``l(B * (ref_diff - model_diff))``,
   ours at ``b = B``.
   Worked example: Salesforce's SD1.5 setting B = 5000 and the diffusers SD1.5 example's B = 2500 are the
-  same loss, ``b = 2500`` here; Tango 2's README B = 2000 is ``b = 1000``. Use
+  same loss, ``b = 2500`` here; Tango 2's README B = 2000 is ``b = 1000``, and so is TangoFlux's CRPO
+  B = 2000 (``tangoflux/model.py``: the same ``-0.5 * B`` form on flow-matching velocity errors). Use
   :func:`diffusion_beta` to convert so a recipe can state the published number it reproduces.
 * **accuracy.** ``rewards/accuracies`` counts a tie (equal rewards) as 0.5; TRL counts it as 0.
 """
@@ -42,6 +43,7 @@ __all__ = [
     "diffusion_beta",
     "loss_spec",
     "preference_loss",
+    "required_inputs",
 ]
 
 
@@ -66,6 +68,28 @@ class LossSpec:
     paired: bool = True
     needs: tuple[str, ...] = ()
     doc: str = field(default="", repr=False)
+
+    @property
+    def title(self) -> str:
+        """The method and its paper: the docstring's first paragraph up to its formula (the first ':'
+        outside parentheses), as ``diffdpo losses`` and the README's table show it."""
+        text, depth = " ".join(self.doc.split("\n\n")[0].split()), 0
+        for i, ch in enumerate(text):
+            depth += (ch == "(") - (ch == ")")
+            if ch == ":" and depth == 0:
+                return text[:i].strip().rstrip(",")
+        return text.strip()
+
+
+def required_inputs(spec: LossSpec, options: dict | None = None) -> tuple[str, ...]:
+    """Every tensor argument of :func:`preference_loss` that ``spec`` reads under ``options``: the two
+    log-ratios when it uses a reference, its ``needs``, and IPO's lengths unless ``length_normalize``
+    is off. A recipe that cannot produce one of them cannot train the loss."""
+    options = {**spec.options, **(options or {})}
+    needed = (["chosen_logratios", "rejected_logratios"] if spec.needs_reference else []) + list(spec.needs)
+    if spec.name == "ipo" and options["length_normalize"]:
+        needed += ["chosen_lengths", "rejected_lengths"]
+    return tuple(needed)
 
 
 LOSS_TYPES: dict[str, LossSpec] = {}
@@ -108,6 +132,8 @@ class _Inputs:
     chosen_win_probs: Tensor | None
     rejected_win_probs: Tensor | None
     kl_logratios: Tensor | None
+    chosen_errors: Tensor | None = None
+    rejected_errors: Tensor | None = None
 
     def avg_logps(self) -> tuple[Tensor, Tensor]:
         return self.chosen_logps / self.chosen_lengths, self.rejected_logps / self.rejected_lengths
@@ -233,7 +259,7 @@ def _discopop(x: _Inputs, discopop_tau: float) -> Tensor:
     return (1 - m) * _l(z) + torch.exp(-z + F.logsigmoid(z / discopop_tau))
 
 
-@_register("aot", options={"label_smoothing": 0.0})
+@_register("aot", options={"label_smoothing": 0.0}, needs=("chosen_logps", "rejected_logps"))
 def _aot(x: _Inputs, label_smoothing: float) -> Tensor:
     """AOT, paired (Melnyk et al. 2024, arXiv:2406.05882): DPO on the sorted policy log-ratio
     differences minus the sorted reference ones, i.e. ``l(beta (sort(h_pi) - sort(h_ref)))``.
@@ -258,12 +284,16 @@ def _aot_unpaired(x: _Inputs, label_smoothing: float) -> Tensor:
            paired=False)
 def _kto(x: _Inputs, desirable_weight: float, undesirable_weight: float,
          reference_point: float | Tensor | None) -> Tensor:
-    """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 7), unpaired: desirable samples get
-    ``w_D (1 - s(beta (r - z0)))``, undesirable ones ``w_U (1 - s(beta (z0 - r)))``.
+    """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 7) and Diffusion-KTO (Li et al. 2024,
+    arXiv:2404.04465), unpaired: desirable samples get ``w_D (1 - s(beta (r - z0)))``, undesirable
+    ones ``w_U (1 - s(beta (z0 - r)))``.
 
     ``z0`` is detached and clamped at 0. It is ``reference_point`` when given; otherwise the mean of
     ``kl_logratios`` (log-ratios of mismatched prompt/completion pairs, as TRL does) when given;
-    otherwise the mean of this batch's own log-ratios (the Diffusion-KTO reference point).
+    otherwise the mean of this batch's own log-ratios. The last is Diffusion-KTO's reference point
+    (github.com/jacklishufan/diffusion-kto ``train_kto_sd_v1.5.py``: the batch mean of
+    ``g = err_ref - err_theta`` over both labels, averaged over processes, clamped at 0; beta 1000 and
+    ``w_D = w_U = 1`` there, with the sigmoid utility it trains by default).
     Returns ``cat(desirable losses, undesirable losses)``: the two sides may differ in size.
     """
     z0 = _kto_reference_point(x, reference_point)
@@ -333,6 +363,32 @@ def _asft(x: _Inputs) -> Tensor:
     return -pw - _log1mexp(pl)
 
 
+@_register("mapo", options={"mapo_snr": 0.5, "mapo_timesteps": 1000}, needs_reference=False,
+           needs=("chosen_errors", "rejected_errors"))
+def _mapo(x: _Inputs, mapo_snr: float, mapo_timesteps: float) -> Tensor:
+    """MaPO (Hong et al. 2024, arXiv:2406.06424), diffusion only, no reference:
+    ``e_w - beta log s(T (f(c e_w) - f(c e_l)))`` with ``f(u) = u / (e^u - 1)``.
+
+    ``e_w``/``e_l`` are the policy's per-sample denoising MSEs (``chosen_errors``/``rejected_errors``)
+    at a shared noise and timestep; ``f`` maps an error to a bounded score in (0, 1], lower error
+    higher score. ``c`` is ``mapo_snr`` (0.5) and ``T`` is ``mapo_timesteps`` (1000, the scheduler's
+    ``num_train_timesteps``); beta (0.1) weights the margin term against the winners' denoising loss.
+    This is the formula of the authors' code (github.com/mapo-t2i/mapo ``utils.py`` ``compute_loss``,
+    which names the score difference ``log_odds``), the code behind the published checkpoints.
+    """
+    fw = _error_score(mapo_snr * x.chosen_errors)
+    fl = _error_score(mapo_snr * x.rejected_errors)
+    return x.chosen_errors - x.beta * F.logsigmoid(mapo_timesteps * (fw - fl))
+
+
+def _error_score(u: Tensor) -> Tensor:
+    """``u / (e^u - 1)`` for ``u >= 0`` (1 at 0), written ``u e^-u / (1 - e^-u)`` so that large ``u``
+    gives 0 with finite gradients; below 1e-4 its Taylor series ``1 - u/2 + u^2/12``."""
+    small = u < 1e-4
+    safe = torch.where(small, torch.ones_like(u), u)
+    return torch.where(small, 1 - u / 2 + u * u / 12, safe * torch.exp(-safe) / -torch.expm1(-safe))
+
+
 # ---------------------------------------------------------------- the public function
 
 
@@ -371,7 +427,7 @@ class PreferenceLossOutput:
 
 _TENSOR_ARGS = ("chosen_logratios", "rejected_logratios", "chosen_logps", "rejected_logps", "chosen_lengths",
                 "rejected_lengths", "chosen_win_probs", "rejected_win_probs", "kl_logratios", "chosen_nll",
-                "weights")
+                "weights", "chosen_errors", "rejected_errors")
 
 
 def preference_loss(
@@ -388,6 +444,8 @@ def preference_loss(
     chosen_win_probs: Tensor | None = None,
     rejected_win_probs: Tensor | None = None,
     kl_logratios: Tensor | None = None,
+    chosen_errors: Tensor | None = None,
+    rejected_errors: Tensor | None = None,
     sft_weight: float = 0.0,
     sft_reduction: Literal["sum", "mean"] = "mean",
     chosen_nll: Tensor | None = None,
@@ -408,6 +466,8 @@ def preference_loss(
         chosen_lengths, rejected_lengths: ``[B]`` completion token counts (length normalisation).
         chosen_win_probs, rejected_win_probs: ``[B]`` estimated win probabilities (``sppo``).
         kl_logratios: log-ratios of mismatched completions (``kto``'s reference point).
+        chosen_errors, rejected_errors: ``[B]`` the policy's per-sample denoising MSEs (diffusion;
+            ``mapo``, which reads no log-ratios).
         sft_weight: weight ``eta`` of an SFT/NLL term on the chosen samples added to every pair's
             loss (RPO = DPO + eta NLL; CRPO / Tango 2 "SFT first" for diffusion).
         sft_reduction: ``"sum"`` uses ``-chosen_logps`` (summed NLL, RPO paper's main form),
@@ -447,7 +507,7 @@ def preference_loss(
                  chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
                  rejected_lengths=rejected_lengths, chosen_win_probs=chosen_win_probs,
                  rejected_win_probs=rejected_win_probs, kl_logratios=kl_logratios, chosen_nll=chosen_nll,
-                 weights=weights)
+                 weights=weights, chosen_errors=chosen_errors, rejected_errors=rejected_errors)
     paired = all(s.paired for s in specs)
     if not paired and len(specs) > 1:
         raise ValueError(f"loss_type: unpaired loss types cannot be combined with others, got {names}")
@@ -458,9 +518,11 @@ def preference_loss(
 
     x = _Inputs(t["chosen_logratios"], t["rejected_logratios"], float(beta), t["chosen_logps"],
                 t["rejected_logps"], t["chosen_lengths"], t["rejected_lengths"], t["chosen_win_probs"],
-                t["rejected_win_probs"], t["kl_logratios"])
-    if x.chosen is None:  # reference-free only: rewards are beta * policy log-probs (TRL's CPO/ORPO)
-        x.chosen, x.rejected = x.chosen_logps, x.rejected_logps
+                t["rejected_win_probs"], t["kl_logratios"], t["chosen_errors"], t["rejected_errors"])
+    if x.chosen is None:  # reference-free only: rewards are beta * policy log-probs (TRL's CPO/ORPO),
+        # or beta * -error (a diffusion model's log-likelihood surrogate) where only errors are given
+        x.chosen, x.rejected = ((x.chosen_logps, x.rejected_logps) if x.chosen_logps is not None
+                                else (-x.chosen_errors, -x.rejected_errors))
 
     losses = None
     for spec, w in zip(specs, loss_weights):
@@ -516,6 +578,9 @@ def _check_tensors(given: dict[str, Tensor | None], paired: bool) -> dict[str, T
     for name in ("chosen_logps", "rejected_logps"):
         if out[name] is not None and (out[name] > 0).any():
             raise ValueError(f"{name}: log-probabilities must be <= 0")
+    for name in ("chosen_errors", "rejected_errors"):
+        if out[name] is not None and (out[name] < 0).any():
+            raise ValueError(f"{name}: squared errors must be >= 0")
     return out
 
 
@@ -524,16 +589,12 @@ def _check_requirements(specs, names, t, options, sft_weight, sft_reduction) -> 
     for side in ("chosen_logratios", "rejected_logratios"):
         if needs_ratios and t[side] is None:
             raise ValueError(f"{side}: required by loss type(s) {[s.name for s in specs if s.needs_reference]}")
-    if not needs_ratios and (t["chosen_logps"] is None or t["rejected_logps"] is None):
-        raise ValueError(f"chosen_logps/rejected_logps: required by reference-free loss type(s) {names}")
+    free = [s.name for s in specs if not s.needs_reference and "chosen_logps" in s.needs]
+    if free and (t["chosen_logps"] is None or t["rejected_logps"] is None):
+        raise ValueError(f"chosen_logps/rejected_logps: required by reference-free loss type(s) {free}")
     for spec in specs:
         kwargs = {k: options.get(k, d) for k, d in spec.options.items()}
-        needed = list(spec.needs)
-        if spec.name == "ipo" and kwargs["length_normalize"]:
-            needed += ["chosen_lengths", "rejected_lengths"]
-        if spec.name == "aot":
-            needed += ["chosen_logps", "rejected_logps"]
-        for arg in needed:
+        for arg in required_inputs(spec, kwargs):
             if t[arg] is None:
                 raise ValueError(f"{arg}: required by loss type {spec.name!r}")
         eps = kwargs.get("label_smoothing")
@@ -582,6 +643,7 @@ _DIFFUSION_BETA_FACTORS = {
     # l(-0.5 * B * (model_diff - ref_diff)): Salesforce DiffusionDPO train.py, Tango 2, diffusers SDXL example
     "salesforce": 0.5,
     "tango2": 0.5,
+    "tangoflux": 0.5,  # declare-lab/TangoFlux tangoflux/model.py, beta_dpo 2000, plus the winners' MSE
     # l(B * (ref_diff - model_diff)): diffusers examples/research_projects/diffusion_dpo SD1.5 script
     "diffusers": 1.0,
 }
@@ -591,7 +653,7 @@ def diffusion_beta(published_beta: float, convention: str) -> float:
     """Convert a published Diffusion-DPO beta to this module's convention.
 
     ``diffusion_beta(5000, "salesforce") == 2500 == diffusion_beta(2500, "diffusers")``;
-    ``diffusion_beta(2000, "tango2") == 1000``.
+    ``diffusion_beta(2000, "tango2") == diffusion_beta(2000, "tangoflux") == 1000``.
     """
     if convention not in _DIFFUSION_BETA_FACTORS:
         raise ValueError(f"convention: unknown {convention!r}; valid are {sorted(_DIFFUSION_BETA_FACTORS)}")

@@ -201,7 +201,7 @@ def test_sft_weight_adds_the_winners_policy_mse():
 
 @pytest.mark.parametrize("change, message", [
     (dict(beta_convention="sdxl"), r"beta_convention: unknown 'sdxl'; valid are:\n  salesforce: .*\n  tango2: .*"
-                                   r"\n  diffusers: .*\n  core: "),
+                                   r"\n  tangoflux: .*\n  diffusers: .*\n  core: "),
     (dict(timesteps=torch.tensor([0.5, 1.0, 2.0])), r"timesteps: expected an integer tensor of shape \[B\] = \[3\]"),
     (dict(timesteps=torch.tensor([0, 1])), r"timesteps: expected an integer tensor of shape \[B\] = \[3\]"),
     (dict(timesteps=torch.tensor([0, 1, 1000])), r"timesteps: must lie in \[0, 1000\)"),
@@ -228,7 +228,7 @@ def test_bad_arguments_are_named(change, message):
 
 def test_core_beta_of_the_published_settings():
     assert core_beta(5000, "salesforce") == core_beta(2500, "diffusers") == core_beta(2500, "core") == 2500
-    assert core_beta(2000, "tango2") == 1000
+    assert core_beta(2000, "tango2") == core_beta(2000, "tangoflux") == 1000
 
 
 def test_convention_help_says_which_diffusers_script_is_which():

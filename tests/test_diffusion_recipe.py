@@ -5,6 +5,8 @@ and a separable toy set learned to > 0.9 implicit accuracy."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -169,3 +171,63 @@ def test_separable_toy_pairs_reach_high_implicit_accuracy(models, tmp_path):
                                      draws, idx, beta=2500.0)
         correct.append(out.core.chosen_rewards > out.core.rejected_rewards)
     assert torch.cat(correct).float().mean().item() > 0.9
+
+
+# ---------------------------------------------------------------- Diffusion-KTO and MaPO through the recipe
+
+KTO = {"loss.type": "kto", "loss.beta": 1000, "loss.beta_convention": "core"}
+MAPO = {"loss.type": "mapo", "loss.beta": 0.1, "loss.beta_convention": "core"}
+
+
+@pytest.mark.parametrize("loss, extra", [
+    (KTO, {}),                                                    # pairs read as winners / losers
+    (KTO, {"reference": "cached", "data.desirable_fraction": 0.5}),  # [n, 1] reference table, weighted draws
+    (MAPO, {}),
+])
+def test_kto_and_mapo_train_a_step(models, tmp_path, loss, extra):
+    res = run(overrides(models("sd15"), tmp_path / "run", **{**loss, **extra}))
+    weights = _unet_weights(Path(models("sd15")))
+    assert res["steps"] == 2 and all(math.isfinite(h["loss"]) for h in res["history"])
+    assert any(not torch.equal(weights[k], v) for k, v in res["trainable"].items())
+    first = res["history"][0]
+    if loss is KTO:
+        assert res["pairs"] == 16  # 8 pairs -> 8 desirable + 8 undesirable samples
+        assert first["loss"] == pytest.approx(0.5, abs=1e-3)  # 1 - sigmoid(0) at init, reference point 0
+        assert first["kto/reference_point"] == 0.0 and "rewards/margins" not in first
+    else:
+        assert "mse/ref_chosen" not in first  # no reference model ran
+        assert first["rewards/chosen"] == pytest.approx(-0.1 * first["mse/policy_chosen"])
+
+
+def test_kto_trains_on_thumbs_up_down_feedback(models, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "feedback"
+    (root / "media").mkdir(parents=True)
+    rows = []
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(root / "media" / f"{i}.png")
+        rows.append(json.dumps({"id": f"s{i}", "prompt": "a red square", "media": f"media/{i}.png",
+                                "label": i % 2 == 0}))
+    (root / "feedback.jsonl").write_text("\n".join(rows) + "\n")
+    res = run(overrides(models("sd15"), tmp_path / "run", **{**KTO, "data.source": "feedback",
+                                                             "data.path": str(root)}))
+    assert res["pairs"] == 4 and res["steps"] == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({**KTO, "loss.beta_convention": "salesforce"}, "loss.beta_convention: 'kto' takes its own beta"),
+    ({**MAPO, "loss.beta_convention": "tango2"}, "loss.beta_convention: 'mapo' takes its own beta"),
+    ({"loss.type": "simpo", "loss.beta_convention": "core"}, r"loss.type: 'simpo' reads \['chosen_logps'"),
+    ({"loss.type": "ipo"}, r"reads \['chosen_lengths', 'rejected_lengths'\].*length_normalize=false"),
+    ({"data.source": "feedback"}, r"data.source=feedback: unpaired samples need an unpaired loss \(kto\)"),
+    ({**KTO, "loss.sft_weight": 1.0}, "loss.sft_weight / loss.sft_epochs: the winners' loss needs pairs"),
+    ({**KTO, "data.won_and_lost": "maybe"}, "data.won_and_lost: must be one of"),
+    ({**KTO, "data.desirable_fraction": 1.0}, r"data.desirable_fraction: must lie in \(0, 1\)"),
+])
+def test_loss_and_data_mismatches_fail_before_loading(tmp_path, change, message):
+    from diffdpo.config import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config(diffusion_dpo.DiffusionDPOConfig, None,
+                    overrides(str(tmp_path / "no_model"), tmp_path / "run", **change))

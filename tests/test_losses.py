@@ -26,7 +26,8 @@ def s(z):
     return 1 / (1 + math.exp(-z))
 
 
-def reference(name, rw, rl, beta, pw=None, pl=None, nw=None, nl=None, Pw=None, Pl=None, **o):
+def reference(name, rw, rl, beta, pw=None, pl=None, nw=None, nl=None, Pw=None, Pl=None, ew=None, el=None,
+              **o):
     """One pair's loss, re-derived from the papers' formulas (each loss's docstring in diffdpo/losses.py names its paper)."""
     h = rw - rl
     eps = o.get("label_smoothing", 1e-3 if name == "exo_pair" else 0.0)
@@ -68,14 +69,19 @@ def reference(name, rw, rl, beta, pw=None, pl=None, nw=None, nl=None, Pw=None, P
         return -aw + beta * l(odds(aw) - odds(al))
     if name == "asft":
         return -pw / nw - math.log(1 - math.exp(pl / nl))
+    if name == "mapo":  # mapo-t2i/mapo utils.py compute_loss, one pair: the score is c e / (exp(c e) - 1)
+        c, T = o.get("mapo_snr", 0.5), o.get("mapo_timesteps", 1000)
+        score = lambda e: c * e / (math.exp(c * e) - 1)  # noqa: E731
+        return ew - beta * -l(T * (score(ew) - score(el)))
     raise KeyError(name)
 
 
 PAIRWISE = ["sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "sppo", "apo_zero",
-            "apo_down", "discopop", "simpo", "cpo", "orpo", "asft"]
+            "apo_down", "discopop", "simpo", "cpo", "orpo", "asft", "mapo"]
 OPTIONS = {"sigmoid": {"label_smoothing": 0.1}, "robust": {"label_smoothing": 0.2}, "exo_pair": {"label_smoothing": 0.05},
            "bco_pair": {"reward_shift": 0.3}, "discopop": {"discopop_tau": 0.1}, "simpo": {"simpo_gamma": 0.7},
-           "cpo": {"cpo_alpha": 0.5}, "ipo": {"length_normalize": True}}
+           "cpo": {"cpo_alpha": 0.5}, "ipo": {"length_normalize": True},
+           "mapo": {"mapo_snr": 0.7, "mapo_timesteps": 40}}
 
 
 def batch(dtype=torch.float64, n=6, seed=0):
@@ -89,6 +95,8 @@ def batch(dtype=torch.float64, n=6, seed=0):
         rejected_lengths=torch.randint(2, 12, (n,), generator=g).to(dtype),
         chosen_win_probs=torch.rand(n, generator=g, dtype=dtype),
         rejected_win_probs=torch.rand(n, generator=g, dtype=dtype),
+        chosen_errors=torch.rand(n, generator=g, dtype=dtype) * 0.5 + 0.01,  # per-sample denoising MSEs
+        rejected_errors=torch.rand(n, generator=g, dtype=dtype) * 0.5 + 0.01,
     )
 
 
@@ -108,12 +116,13 @@ def test_every_pairwise_loss_matches_its_formula(name):
         args = dict(rw=b["chosen_logratios"][i].item(), rl=b["rejected_logratios"][i].item(), beta=beta,
                     pw=b["chosen_logps"][i].item(), pl=b["rejected_logps"][i].item(),
                     nw=b["chosen_lengths"][i].item(), nl=b["rejected_lengths"][i].item(),
-                    Pw=b["chosen_win_probs"][i].item(), Pl=b["rejected_win_probs"][i].item())
+                    Pw=b["chosen_win_probs"][i].item(), Pl=b["rejected_win_probs"][i].item(),
+                    ew=b["chosen_errors"][i].item(), el=b["rejected_errors"][i].item())
         assert out.losses[i].item() == pytest.approx(reference(name, **args, **OPTIONS.get(name, {})), rel=1e-10, abs=1e-12)
 
 
 def test_every_registered_type_is_covered_by_a_formula_test():
-    covered = set(PAIRWISE) | {"kto", "aot", "aot_unpaired"}
+    covered = set(PAIRWISE) | {"kto", "aot", "aot_unpaired"}  # mapo is in PAIRWISE
     assert covered == set(LOSS_TYPES)
 
 
@@ -141,7 +150,7 @@ def test_gradcheck(name):
     # kto's reference point is detached by design: fix it so finite differences see the same function
     opts = {"reference_point": 0.2} if name == "kto" else OPTIONS.get(name, {})
     keys = ["chosen_logratios", "rejected_logratios"] if spec.needs_reference else []
-    keys += ["chosen_logps", "rejected_logps"] if (not spec.needs_reference or name == "aot") else []
+    keys += [k for k in ("chosen_logps", "rejected_logps", "chosen_errors", "rejected_errors") if k in spec.needs]
 
     def f(*xs):
         kw = {k: v for k, v in b.items() if not k.endswith("win_probs") or name == "sppo"}
@@ -211,6 +220,22 @@ def test_kto_reference_point_and_weights():
     preference_loss("kto", cg, r, beta=2.0).losses.sum().backward()
     assert cg.grad.tolist() == pytest.approx([2.0 * s(2.0 * (v - batch_z0)) * (1 - s(2.0 * (v - batch_z0))) * -1
                                               for v in c.tolist()])
+
+
+def test_mapo_score_at_zero_and_huge_errors():
+    """f(u) = u / (e^u - 1) is 1 at u = 0 (equal zero errors: the margin term is beta log 2) and 0 for
+    huge u, with finite gradients at both ends; rewards are beta * -error."""
+    z = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    out = preference_loss("mapo", beta=0.1, chosen_errors=z, rejected_errors=torch.zeros(2, dtype=torch.float64))
+    assert out.losses.tolist() == pytest.approx([0.1 * math.log(2)] * 2, rel=1e-12)
+    out.losses.sum().backward()
+    # d/de_w [e_w + beta l(T (f(c e_w) - f(c e_l)))] at 0: 1 + beta * (-1/2) * T * f'(0) * c, f'(0) = -1/2
+    assert z.grad.tolist() == pytest.approx([1 + 0.1 * 0.5 * 1000 * 0.5 * 0.5] * 2)
+    big = torch.tensor([1e4, 3.0], dtype=torch.float64, requires_grad=True)
+    out = preference_loss("mapo", beta=0.1, chosen_errors=big, rejected_errors=torch.tensor([1.0, 1e4]).double())
+    out.losses.sum().backward()
+    assert torch.isfinite(out.losses).all() and torch.isfinite(big.grad).all()
+    assert out.chosen_rewards.tolist() == pytest.approx([-1e3, -0.3])
 
 
 def test_aot_sorts_margins_across_the_batch():

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
             kind = "reference" if spec.needs_reference else "reference-free"
             kind += "" if spec.paired else ", unpaired"
             opts = ", ".join(f"{k}={v}" for k, v in spec.options.items()) or "-"
-            print(f"{name:14s} {kind:28s} options: {opts}")
+            print(f"{name:14s} {kind:28s} {spec.title}; options: {opts}")
             if args.verbose:
                 print("    " + spec.doc.replace("\n", "\n    ") + "\n")
         return 0

@@ -18,13 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--responses", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=4096, help="training pairs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loss-types", nargs="*", default=None, help="default: every paired type")
+    parser.add_argument("--loss-types", nargs="*", default=None, help="default: every paired type this task can feed")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from diffdpo.losses import LOSS_TYPES, loss_spec, preference_loss
+    from diffdpo.losses import LOSS_TYPES, loss_spec, preference_loss, required_inputs
 
     g = torch.Generator().manual_seed(args.seed)
     P, K = args.prompts, args.responses
@@ -47,8 +47,11 @@ def run(args: argparse.Namespace) -> int:
     def expected_reward(logits):
         return (logits.softmax(-1) * true_reward).sum(-1).mean().item()
 
-    # sppo needs estimated win probabilities, which this task does not produce.
-    names = args.loss_types or [n for n, s in sorted(LOSS_TYPES.items()) if s.paired and n != "sppo"]
+    # the task gives log-ratios, log-probs and lengths; not sppo's win probabilities nor mapo's denoising errors
+    given = {"chosen_logratios", "rejected_logratios", "chosen_logps", "rejected_logps", "chosen_lengths",
+             "rejected_lengths"}
+    names = args.loss_types or [n for n, s in sorted(LOSS_TYPES.items())
+                                if s.paired and set(required_inputs(s)) <= given]
     betas = {"ipo": 1.0, "sppo_hard": 1.0, "hinge": 1.0}
     print(f"reference: E[r*] = {expected_reward(ref_logits):+.3f}   ({P} prompts x {K} responses, "
           f"{len(train[0])} pairs, {args.steps} steps)")

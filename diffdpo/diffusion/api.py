@@ -36,12 +36,15 @@ BETA_CONVENTIONS: dict[str, str] = {
                   "train_diffusion_dpo_sdxl.py (beta 5000)",
     "tango2": "the same -0.5 * beta form as 'salesforce': Tango 2 (declare-lab/tango tango2/tango2-train.py; "
               "README beta 2000)",
+    "tangoflux": "the same -0.5 * beta form as 'salesforce', on flow-matching velocity errors: TangoFlux CRPO "
+                 "(declare-lab/TangoFlux tangoflux/model.py, beta 2000, which adds the winners' MSE: sft_weight 1)",
     "diffusers": "loss = -logsigmoid(beta * (ref_diff - model_diff)): the diffusers SD1.5 example "
                  "examples/research_projects/diffusion_dpo/train_diffusion_dpo.py (beta 2500, the same loss as "
                  "'salesforce' at beta 5000). Not the SDXL script in the same folder, train_diffusion_dpo_sdxl.py: "
                  "it keeps -0.5 * beta, so its beta 5000 is 'salesforce'",
     "core": "diffdpo's own: loss = -logsigmoid(beta * (r_w - r_l)), r = -(mse_policy - mse_ref); "
-            "beta = published beta / 2 for 'salesforce' and 'tango2', = published beta for 'diffusers'",
+            "beta = published beta / 2 for 'salesforce', 'tango2' and 'tangoflux', = published beta for "
+            "'diffusers'",
 }
 """Each accepted ``beta_convention`` and the published loss it reproduces."""
 
@@ -144,8 +147,8 @@ def diffusion_dpo_loss(policy: nn.Module, reference: nn.Module | str | tuple[Ten
             (``0 .. num_train_timesteps - 1``) for DDPM-style schedulers, the index into
             ``scheduler.sigmas`` / ``scheduler.timesteps`` for flow-matching ones.
         beta: beta as published, in ``beta_convention``.
-        beta_convention: ``"salesforce"`` | ``"tango2"`` | ``"diffusers"`` | ``"core"``; what each means
-            is in :data:`BETA_CONVENTIONS`. Salesforce's 5000, the diffusers SD1.5 example's 2500
+        beta_convention: ``"salesforce"`` | ``"tango2"`` | ``"tangoflux"`` | ``"diffusers"`` | ``"core"``; what
+            each means is in :data:`BETA_CONVENTIONS`. Salesforce's 5000, the diffusers SD1.5 example's 2500
             (``"diffusers"``) and its SDXL example's 5000 (``"salesforce"``) are the same loss.
         loss_type: a paired, reference-based loss of :data:`diffdpo.losses.LOSS_TYPES` (``sigmoid`` is DPO),
             or ``logic:<structure>`` whose loss reads log-ratios only (``diffdpo losses explain`` says).

@@ -1,4 +1,5 @@
-"""Preference pairs for Diffusion-DPO: read, check once up front, and order deterministically.
+"""Preference pairs for Diffusion-DPO, and unpaired samples for Diffusion-KTO: read, check once up
+front, and order deterministically.
 
 Sources (``data.source``):
 
@@ -10,6 +11,10 @@ Sources (``data.source``):
   JSON rows with audio paths (:func:`diffdpo.data.audio_alpaca.read_audio_alpaca`).
 * ``toy``          — a separable toy set written by :func:`write_toy_pairs` (smooth winner, noise loser).
 
+Unpaired losses (``kto``) read :class:`Sample` s instead (:func:`read_samples`): from ``feedback`` —
+``<path>/feedback.jsonl`` of :class:`~diffdpo.data.feedback.FeedbackRecord` (thumbs-up/down data) —
+or from any pair source above, each pair's winner desirable and its loser undesirable.
+
 Ties (label 0.5) are dropped by default (``ties="drop"``, as the Diffusion-DPO paper did) or
 rejected (``ties="error"``). Every record is checked before training starts (caption present,
 media readable); ``on_bad_record="error"`` raises naming the record, ``"skip"`` drops it, counts it
@@ -18,6 +23,7 @@ and logs each one — never a crash hours in, never a silent drop.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -41,12 +47,38 @@ class Pair:
     chosen: Media
     rejected: Media
 
+    @property
+    def sides(self) -> tuple[Media, Media]:
+        return self.chosen, self.rejected
+
 
 @dataclass
 class PairSet:
     pairs: list[Pair]
     dropped_ties: int = 0
     skipped: int = 0
+
+
+@dataclass
+class Sample:
+    """One unpaired sample and its label: desirable (a thumbs-up, a pair's winner) or undesirable."""
+
+    id: str
+    prompt: str
+    media: Media
+    desirable: bool
+
+    @property
+    def sides(self) -> tuple[Media]:
+        return (self.media,)
+
+
+@dataclass
+class SampleSet:
+    samples: list[Sample]
+    dropped_ties: int = 0
+    skipped: int = 0
+    won_and_lost: int = 0
 
 
 def read_pairs(source: str, path: str | Path, media: str, load_media: Callable[[Media], torch.Tensor],
@@ -146,16 +178,112 @@ def _audio_alpaca(path: Path, on_bad_row):
                                           "rejected": pair.rejected}
 
 
+WON_AND_LOST = ("desirable", "undesirable", "drop")
+
+
+def read_samples(source: str, path: str | Path, media: str, load_media: Callable[[Media], torch.Tensor],
+                 ties: str = "drop", on_bad_record: str = "error", max_samples: int | None = None,
+                 won_and_lost: str = "desirable") -> SampleSet:
+    """Unpaired samples of a ``feedback`` set, or the winners (desirable) and losers (undesirable) of
+    any pair source, checked like pairs.
+
+    From pairs, a sample (same prompt and media) that wins one pair and loses another follows
+    ``won_and_lost``: ``desirable`` (Diffusion-KTO's published ``--policy gt_label_wi_l``, which moves
+    Pick-a-Pic's "intersections" to the winners), ``undesirable`` (``gt_label_w_il``) or ``drop``
+    (``gt_label_w_l``); a sample seen twice with one label is kept once.
+    """
+    if won_and_lost not in WON_AND_LOST:
+        raise ValueError(f"data.won_and_lost: must be one of {WON_AND_LOST}, got {won_and_lost!r}")
+    if source == "feedback":
+        return _feedback(Path(path), load_media, on_bad_record, max_samples)
+    pairset = read_pairs(source, path, media, load_media, ties, on_bad_record)
+    out = SampleSet([], pairset.dropped_ties, pairset.skipped)
+    first: dict[tuple[str, str], Sample] = {}
+    labels: dict[tuple[str, str], set[bool]] = {}
+    for pair in pairset.pairs:
+        for side, desirable in (("chosen", True), ("rejected", False)):
+            m = getattr(pair, side)
+            key = (pair.prompt, hashlib.sha256(m).hexdigest() if isinstance(m, bytes) else str(m))
+            first.setdefault(key, Sample(f"{pair.id}/{side}", pair.prompt, m, desirable))
+            labels.setdefault(key, set()).add(desirable)
+    for key, sample in first.items():
+        if len(labels[key]) == 2:
+            out.won_and_lost += 1
+            if won_and_lost == "drop":
+                continue
+            sample.desirable = won_and_lost == "desirable"
+        out.samples.append(sample)
+    out.samples = out.samples[:max_samples] if max_samples else out.samples
+    if not out.samples:
+        raise ValueError(f"{path}: no usable samples ({out.won_and_lost} both won and lost a pair, dropped)")
+    if out.won_and_lost:
+        log.info("%s: %d samples both won and lost a pair: %s", path, out.won_and_lost, won_and_lost)
+    return out
+
+
+def _feedback(path: Path, load_media, on_bad_record: str, max_samples: int | None) -> SampleSet:
+    from diffdpo.data.feedback import FILE_NAME, read_feedback
+
+    if on_bad_record not in ("error", "skip"):
+        raise ValueError(f"data.on_bad_record: must be 'error' or 'skip', got {on_bad_record!r}")
+    root = path if path.is_dir() else path.parent
+    file = path / FILE_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"data.path: no feedback file at {file}")
+    out = SampleSet([])
+
+    def skip(message: str) -> None:
+        out.skipped += 1
+        log.warning("skipping bad record (%d so far): %s", out.skipped, message)
+
+    for rec in read_feedback(file, skip if on_bad_record == "skip" else None):
+        where = f"{file}: record {rec.id!r}"
+        try:
+            media = resolve_under(root, rec.media, f"record {rec.id!r} media")
+            if not media.is_file():
+                raise ValueError(f"media file not found: {media}")
+            try:
+                load_media(media)
+            except Exception as err:  # any decoder failure is this record's problem
+                raise ValueError(f"media unreadable ({type(err).__name__}: {err})") from None
+        except ValueError as err:
+            if on_bad_record == "error":
+                raise ValueError(f"{where}: {err}") from None
+            skip(f"{where}: {err}")
+            continue
+        out.samples.append(Sample(rec.id, rec.prompt, media, rec.label))
+        if max_samples and len(out.samples) >= max_samples:
+            break
+    if not out.samples:
+        raise ValueError(f"{file}: no usable samples ({out.skipped} bad records)")
+    return out
+
+
+def desirable_weights(samples: list[Sample], fraction: float) -> torch.Tensor:
+    """Per-sample draw weights that make ``fraction`` of the drawn samples desirable (Diffusion-KTO's
+    ``--positive_ratio`` weighted sampler; its published run uses 0.8)."""
+    desirable = torch.tensor([s.desirable for s in samples])
+    n_d = int(desirable.sum())
+    if not 0 < fraction < 1 or n_d in (0, len(samples)):
+        raise ValueError(f"data.desirable_fraction: {fraction} needs 0 < fraction < 1 and both labels in the data "
+                         f"({n_d} desirable of {len(samples)})")
+    return torch.where(desirable, fraction / n_d, (1 - fraction) / (len(samples) - n_d)).double()
+
+
 # -------------------------------------------------------------------- deterministic order
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The pair order of one epoch: a permutation seeded by (seed, epoch) — identical on every process."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+def epoch_order(n: int, seed: int, epoch: int, weights: torch.Tensor | None = None) -> list[int]:
+    """The pair order of one epoch, seeded by (seed, epoch) — identical on every process: a permutation,
+    or with ``weights`` ``n`` draws with replacement (a ``WeightedRandomSampler``'s epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if weights is not None:
+        return torch.multinomial(weights, n, replacement=True, generator=g).tolist()
+    return torch.randperm(n, generator=g).tolist()
 
 
 def micro_batch(n: int, seed: int, global_micro: int, per_device: int, num_processes: int,
-                process_index: int) -> tuple[int, list[int]]:
+                process_index: int, weights: torch.Tensor | None = None) -> tuple[int, list[int]]:
     """``(epoch, indices)`` of this process's share of global micro-batch number ``global_micro``.
 
     A global micro-batch holds ``per_device * num_processes`` pairs; an epoch has
@@ -167,7 +295,7 @@ def micro_batch(n: int, seed: int, global_micro: int, per_device: int, num_proce
     if per_epoch == 0:
         raise ValueError(f"{n} pairs cannot fill one global batch of {size} (per_device_batch x processes)")
     epoch, k = divmod(global_micro, per_epoch)
-    order = epoch_order(n, seed, epoch)
+    order = epoch_order(n, seed, epoch, weights)
     start = k * size + process_index * per_device
     return epoch, order[start:start + per_device]
 

@@ -1,4 +1,5 @@
-"""What the UNet reads, per pair: VAE latents of winner and loser, and the prompt's condition.
+"""What the UNet reads, per pair: VAE latents of winner and loser, and the prompt's condition (per
+unpaired sample: its one latent and its prompt's condition).
 
 :class:`Encoded` either holds everything precomputed (``cache=True``: a pre-pass writes one
 safetensors file per (model, data, settings) key and any later run over the same data loads it
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffdpo.diffusion.data import Pair
+from diffdpo.diffusion.data import Pair, Sample
 from diffdpo.diffusion.models import Backbone
 
 
@@ -38,9 +39,9 @@ def repeat_for_pair(cond: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 class Encoded:
-    """Latents and prompt conditions of a pair set, cached or computed on demand."""
+    """Latents and prompt conditions of a pair set (or of unpaired samples), cached or computed on demand."""
 
-    def __init__(self, backbone: Backbone, pairs: list[Pair], cache_path: Path | None = None,
+    def __init__(self, backbone: Backbone, pairs: list[Pair] | list[Sample], cache_path: Path | None = None,
                  batch_size: int = 8, show_progress: bool = True):
         self.backbone, self.pairs = backbone, pairs
         self.prompts = sorted({p.prompt for p in pairs} | {""})
@@ -77,15 +78,16 @@ class Encoded:
     # ---------------------------------------------------------------- access
     @torch.no_grad()
     def encode_latents(self, indices: list[int]) -> Tensor:
-        """``[b, 2, C, H, W]`` latents of (winner, loser), encoded now."""
-        media = [self.backbone.load_media(m) for i in indices for m in (self.pairs[i].chosen, self.pairs[i].rejected)]
+        """``[b, 2, C, H, W]`` latents of (winner, loser), or ``[b, 1, C, H, W]`` of samples, encoded now."""
+        media = [self.backbone.load_media(m) for i in indices for m in self.pairs[i].sides]
         device = self.backbone.vae.device
         lat = self.backbone.media_to_latents(torch.stack(media).to(device))
-        return lat.view(len(indices), 2, *lat.shape[1:])
+        return lat.view(len(indices), len(media) // len(indices), *lat.shape[1:])
 
-    def pair_latents(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def pair_latents(self, indices: list[int]) -> tuple[Tensor, ...]:
+        """``(winners, losers)`` of pairs, or ``(samples,)``: each ``[b, C, H, W]``."""
         lat = self.latents[indices] if self.latents is not None else self.encode_latents(indices)
-        return lat[:, 0], lat[:, 1]
+        return lat.unbind(1)
 
     def condition(self, prompt: str) -> dict[str, Tensor]:
         if self.conds is not None:

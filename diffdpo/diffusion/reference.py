@@ -62,14 +62,13 @@ class LoraDisabledReference:
 
 
 class CachedReference:
-    """Reference errors looked up by pair index; :func:`compute_reference_errors` fills the table."""
+    """Reference errors looked up by pair (or sample) index; :func:`compute_reference_errors` fills the table."""
 
     def __init__(self, table: Tensor):
-        self.table = table  # [N, 2]: (chosen, rejected)
+        self.table = table  # [N, 2]: (chosen, rejected), or [N, 1] for unpaired samples
 
     def errors(self, run, indices):
-        rows = self.table[torch.as_tensor(indices)]
-        return rows[:, 0], rows[:, 1]
+        return self.table[torch.as_tensor(indices)].unbind(1)
 
 
 def cache_key(parts: dict) -> str:
@@ -77,18 +76,19 @@ def cache_key(parts: dict) -> str:
 
 
 def compute_reference_errors(path: Path, n: int, batch_size: int,
-                             errors_of: Callable[[list[int]], tuple[Tensor, Tensor]]) -> Tensor:
-    """``[n, 2]`` reference errors, loaded from ``path`` when present, else computed and written
-    atomically. ``errors_of(indices)`` must use the pairs' fixed draws."""
+                             errors_of: Callable[[list[int]], tuple[Tensor, ...]], sides: int = 2) -> Tensor:
+    """``[n, sides]`` reference errors (2: a pair's winner and loser, 1: an unpaired sample), loaded
+    from ``path`` when present, else computed and written atomically. ``errors_of(indices)`` must use
+    the items' fixed draws."""
     if path.is_file():
         table = load_file(path)["errors"]
-        if table.shape != (n, 2):
-            raise ValueError(f"{path}: cached reference errors have shape {tuple(table.shape)}, expected ({n}, 2)")
+        if table.shape != (n, sides):
+            raise ValueError(f"{path}: cached reference errors have shape {tuple(table.shape)}, "
+                             f"expected ({n}, {sides})")
         return table
     rows = []
     for start in range(0, n, batch_size):
-        w, l = errors_of(list(range(start, min(n, start + batch_size))))
-        rows.append(torch.stack([w, l], 1).float().cpu())
+        rows.append(torch.stack(errors_of(list(range(start, min(n, start + batch_size)))), 1).float().cpu())
     table = torch.cat(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

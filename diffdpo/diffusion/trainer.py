@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffdpo.config import load_config, save_config, to_dict
-from diffdpo.losses import diffusion_beta, loss_spec
+from diffdpo.losses import diffusion_beta, loss_spec, required_inputs
 
 log = logging.getLogger("diffusion_dpo")
 
@@ -71,12 +71,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = field(default="jsonl", metadata={"help": "jsonl | pickapic | audio_alpaca | toy"})
+    source: str = field(default="jsonl", metadata={
+        "help": "jsonl | pickapic | audio_alpaca | toy | feedback (unpaired thumbs-up/down: <path>/feedback.jsonl)"})
     path: str = field(default="", metadata={"help": "set folder / Parquet file(s); for toy: where to write it"})
     toy_pairs: int = field(default=16, metadata={"help": "pairs written when source=toy"})
     ties: str = field(default="drop", metadata={"help": "label-0.5 pairs: drop (paper) | error"})
     on_bad_record: str = field(default="error", metadata={"help": "error | skip (counted and logged)"})
-    max_pairs: int | None = None
+    max_pairs: int | None = field(default=None, metadata={"help": "read at most this many pairs (samples if unpaired)"})
+    won_and_lost: str = field(default="desirable", metadata={
+        "help": "unpaired loss on pairs: a sample that wins one pair and loses another is desirable "
+                "(Diffusion-KTO's published policy) | undesirable | drop"})
+    desirable_fraction: float | None = field(default=None, metadata={
+        "help": "unpaired loss: draw samples with replacement so this share is desirable (Diffusion-KTO's "
+                "--positive_ratio, 0.8 published); none = each sample once per epoch"})
 
 
 @dataclass
@@ -88,7 +95,8 @@ class LossConfig:
         "help": "salesforce | tango2: the -0.5*beta form (Salesforce train.py, Tango 2, and the diffusers SDXL "
                 "example train_diffusion_dpo_sdxl.py, beta 5000); diffusers: the diffusers SD1.5 example "
                 "train_diffusion_dpo.py, beta*(ref_diff - model_diff), beta 2500 (= salesforce 5000); "
-                "core: diffdpo's own"})
+                "tangoflux: TangoFlux CRPO's -0.5*beta form (beta 2000, with sft_weight 1); core: diffdpo's own, "
+                "required by unpaired and reference-free losses (kto, mapo), whose beta is their own"})
     sft_weight: float = field(default=0.0, metadata={"help": "weight of the winners' denoising loss (CRPO)"})
     sft_epochs: int = field(default=0, metadata={"help": "first epochs train the winners' loss only (Tango 2: 1)"})
     options: dict = field(default_factory=dict, metadata={"help": "loss-type options, e.g. label_smoothing"})
@@ -162,10 +170,7 @@ class DiffusionDPOConfig:
             raise ValueError(f"reference: unknown {self.reference!r}; valid: {list(REFERENCE_MODES)}")
         if self.reference == "lora_disabled" and self.model.lora_rank <= 0:
             raise ValueError("reference=lora_disabled needs model.lora_rank > 0")
-        try:
-            loss_spec(self.loss.type)
-        except ValueError as e:
-            raise ValueError(f"loss.type: {e}") from None
+        self._check_loss()
         if self.loss.guidance_scale <= 0:
             raise ValueError(f"loss.guidance_scale: {self.loss.guidance_scale} must be > 0 (1 = no guidance)")
         span = self.train.timestep_range
@@ -176,10 +181,40 @@ class DiffusionDPOConfig:
         if self.train.timestep_sampling not in TIMESTEP_SAMPLING:
             raise ValueError(f"train.timestep_sampling: unknown {self.train.timestep_sampling!r}; "
                              f"valid: {list(TIMESTEP_SAMPLING)}")
-        if self.reference == "cached":
+        if self.reference == "cached" and loss_spec(self.loss.type).needs_reference:
             self.train.fixed_draws = True  # cached errors are only valid under each pair's fixed draws
         if not self.model.name_or_path:
             raise ValueError("model.name_or_path: required")
+
+    def _check_loss(self) -> None:
+        """The loss can train here: a diffusion model gives it what it reads, the data has its shape
+        (pairs or labelled samples), and its beta is not converted from another loss's convention."""
+        from diffdpo.diffusion.data import WON_AND_LOST
+        from diffdpo.diffusion.objective import LOSS_INPUTS
+
+        loss, data = self.loss, self.data
+        try:
+            spec = loss_spec(loss.type)
+        except ValueError as e:
+            raise ValueError(f"loss.type: {e}") from None
+        missing = [k for k in required_inputs(spec, loss.options) if k not in LOSS_INPUTS]
+        if missing:
+            hint = " (set loss.options.length_normalize=false)" if loss.type == "ipo" else ""
+            raise ValueError(f"loss.type: {loss.type!r} reads {missing}, which a diffusion model does not have; "
+                             f"this recipe computes {sorted(LOSS_INPUTS)}{hint}")
+        if not (spec.paired and spec.needs_reference) and loss.beta_convention != "core":
+            raise ValueError(f"loss.beta_convention: {loss.type!r} takes its own beta (not Diffusion-DPO's); "
+                             f"set loss.beta_convention=core")
+        if spec.paired and (data.source == "feedback" or data.desirable_fraction is not None):
+            what = "data.source=feedback" if data.source == "feedback" else "data.desirable_fraction"
+            raise ValueError(f"{what}: unpaired samples need an unpaired loss (kto), not {loss.type!r}")
+        if not spec.paired and (loss.sft_weight or loss.sft_epochs):
+            raise ValueError(f"loss.sft_weight / loss.sft_epochs: the winners' loss needs pairs; {loss.type!r} "
+                             f"is unpaired")
+        if data.won_and_lost not in WON_AND_LOST:
+            raise ValueError(f"data.won_and_lost: must be one of {WON_AND_LOST}, got {data.won_and_lost!r}")
+        if data.desirable_fraction is not None and not 0 < data.desirable_fraction < 1:
+            raise ValueError(f"data.desirable_fraction: must lie in (0, 1), got {data.desirable_fraction}")
 
 
 # ==================================================================== setup pieces
@@ -243,12 +278,12 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
     from diffusers.optimization import get_scheduler
     from safetensors.torch import load_file, save_file
 
-    from diffdpo.diffusion.data import micro_batch, read_pairs, write_toy_pairs
+    from diffdpo.diffusion.data import desirable_weights, micro_batch, read_pairs, read_samples, write_toy_pairs
     from diffdpo.diffusion.encode import Encoded, repeat_for_pair
     from diffdpo.diffusion.logratios import draw_pairs, num_train_steps, pair_errors, pair_inputs, pair_seed, \
         prediction_kind, timestep_buckets
     from diffdpo.diffusion.models import load_backbone
-    from diffdpo.diffusion.objective import diffusion_dpo_step, guided
+    from diffdpo.diffusion.objective import diffusion_dpo_step, diffusion_kto_step, guided, sample_errors
     from diffdpo.diffusion.reference import CachedReference, FrozenCopyReference, LoraDisabledReference, cache_key, \
         compute_reference_errors
     from diffdpo.diffusion.tiny import build_tiny
@@ -303,9 +338,16 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
             write_toy_pairs(data_path, backbone.media, cfg.data.toy_pairs, cfg.model.resolution,
                             backbone.sample_rate if backbone.media == "audio" else 16000, backbone.audio_seconds,
                             seed=tc.seed)
-    pairset = read_pairs(cfg.data.source, data_path, backbone.media, backbone.load_media, cfg.data.ties,
-                         cfg.data.on_bad_record, cfg.data.max_pairs)
-    pairs = pairset.pairs
+    spec = loss_spec(cfg.loss.type)
+    if spec.paired:
+        pairset = read_pairs(cfg.data.source, data_path, backbone.media, backbone.load_media, cfg.data.ties,
+                             cfg.data.on_bad_record, cfg.data.max_pairs)
+        pairs = pairset.pairs
+    else:  # Diffusion-KTO: labelled samples take the pairs' place everywhere below
+        pairset = read_samples(cfg.data.source, data_path, backbone.media, backbone.load_media, cfg.data.ties,
+                               cfg.data.on_bad_record, cfg.data.max_pairs, cfg.data.won_and_lost)
+        pairs = pairset.samples
+    draw_weights = desirable_weights(pairs, cfg.data.desirable_fraction) if cfg.data.desirable_fraction else None
     cache_dir = Path(tc.cache_dir or out_dir / "cache")
     key = cache_key({"model": cfg.model.name_or_path, "family": cfg.model.family, "res": cfg.model.resolution,
                      "sec": backbone.audio_seconds, "data": str(data_path.resolve()),
@@ -323,16 +365,19 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
                           logit_mean=tc.logit_mean, logit_std=tc.logit_std)
 
     def batch_inputs(indices: list[int], epoch: int):
+        """``((winners, losers) or (samples,), cond, draws)`` of these items."""
         draws = draws_for(indices, epoch)
-        w, l = encoded.pair_latents(indices)
+        latents = tuple(x.to(accelerator.device) for x in encoded.pair_latents(indices))
         cond = encoded.conditions(indices, draws.drop_prompt.tolist())
         cond = {k: v.to(accelerator.device) for k, v in cond.items()}
-        return w.to(accelerator.device), l.to(accelerator.device), cond, draws
+        return latents, cond, draws
 
     predict = guided(backbone.predict, encoded.condition(""), cfg.loss.guidance_scale)
 
     # ---- 3. reference
-    if cfg.reference == "copy":
+    if not spec.needs_reference:  # MaPO: no reference model at all
+        reference = None
+    elif cfg.reference == "copy":
         reference = FrozenCopyReference(unet, weight_dtype)
     elif cfg.reference == "lora_disabled":
         reference = LoraDisabledReference(unet)
@@ -341,12 +386,14 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
 
         @torch.no_grad()
         def errors_of(indices):
-            w, l, cond, draws = batch_inputs(indices, 0)
-            inputs = pair_inputs(scheduler, w, l, draws)
+            latents, cond, draws = batch_inputs(indices, 0)
             model = ref_unet if ref_unet is not None else unet
             if ref_unet is None:
                 unet.disable_adapters()
             try:
+                if not spec.paired:
+                    return (sample_errors(predict, model, scheduler, latents[0], cond, draws),)
+                inputs = pair_inputs(scheduler, *latents, draws)
                 return pair_errors(lambda x, t, c: predict(model, x, t, c), inputs, repeat_for_pair(cond))
             finally:
                 if ref_unet is None:
@@ -358,7 +405,7 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
                              "flux_guidance": cfg.model.guidance})
         with accelerator.main_process_first():
             table = compute_reference_errors(cache_dir / f"reference_{ref_key}.safetensors", len(pairs),
-                                             tc.per_device_batch, errors_of)
+                                             tc.per_device_batch, errors_of, sides=2 if spec.paired else 1)
         reference = CachedReference(table.to(accelerator.device))
         del ref_unet
 
@@ -378,7 +425,7 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
     # would step it once per process).
     unet, optimizer = accelerator.prepare(unet, optimizer)
     raw_unet = accelerator.unwrap_model(unet)
-    if cfg.reference == "lora_disabled":
+    if isinstance(reference, LoraDisabledReference):
         reference.unet = raw_unet
 
     # ---- resume
@@ -399,9 +446,11 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
         flat = {f"{a}.{b}": (str(v) if isinstance(v, (list, dict)) or v is None else v)
                 for a, sec in to_dict(cfg).items() if isinstance(sec, dict) for b, v in sec.items()}
         accelerator.init_trackers("diffusion_dpo", config=flat)
-    log.info("%d pairs (%d ties dropped, %d bad skipped), %d steps of %d pairs on %d processes, beta %.1f (core), "
-             "reference %s", len(pairs), pairset.dropped_ties, pairset.skipped, max_steps,
-             tc.per_device_batch * tc.grad_accum * world, world, cfg.loss.core_beta(), cfg.reference)
+    unit = "pairs" if spec.paired else "samples"
+    log.info("%d %s (%d ties dropped, %d bad skipped), %d steps of %d %s on %d processes, beta %.1f (core), "
+             "reference %s", len(pairs), unit, pairset.dropped_ties, pairset.skipped, max_steps,
+             tc.per_device_batch * tc.grad_accum * world, unit, world, cfg.loss.core_beta(),
+             cfg.reference if reference is not None else "none (reference-free loss)")
 
     def save(at_step: int) -> None:
         def write(tmp: Path) -> None:
@@ -434,13 +483,19 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
         for k in range(tc.grad_accum):
             micro = (step % steps_per_epoch) * tc.grad_accum + k + epoch * micro_per_epoch
             _, indices = micro_batch(len(pairs), tc.seed, micro, tc.per_device_batch, world,
-                                     accelerator.process_index)
+                                     accelerator.process_index, draw_weights)
             with accelerator.accumulate(unet):
-                w, l, cond, draws = batch_inputs(indices, epoch)
+                latents, cond, draws = batch_inputs(indices, epoch)
                 with accelerator.autocast():
-                    out = diffusion_dpo_step(predict, unet, reference, scheduler, w, l, cond, draws, indices,
-                                             cfg.loss.type, cfg.loss.core_beta(), cfg.loss.sft_weight, sft_only,
-                                             cfg.loss.options)
+                    if spec.paired:
+                        out = diffusion_dpo_step(predict, unet, reference, scheduler, *latents, cond, draws, indices,
+                                                 cfg.loss.type, cfg.loss.core_beta(), cfg.loss.sft_weight, sft_only,
+                                                 cfg.loss.options)
+                    else:
+                        desirable = torch.tensor([pairs[i].desirable for i in indices], device=accelerator.device)
+                        out = diffusion_kto_step(predict, unet, reference, scheduler, latents[0], desirable, cond,
+                                                 draws, indices, cfg.loss.type, cfg.loss.core_beta(),
+                                                 cfg.loss.options, lambda t: accelerator.reduce(t, "mean"))
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and tc.max_grad_norm:
                     accelerator.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
@@ -496,6 +551,13 @@ def _step_metrics(t: dict[str, torch.Tensor], n_buckets: int) -> dict[str, float
                     "rewards/margins": margins.mean().item(),
                     "rewards/accuracies": ((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item()})
         out.update(bucket_accuracy(margins, t["bucket"].long(), n_buckets))
+    if "desirable" in t:  # unpaired (KTO): chosen = desirable, rejected = undesirable; no margins without pairs
+        out["kto/reference_point"] = t["kto/reference_point"].mean().item()
+        for side, sel in (("chosen", t["desirable"] > 0), ("rejected", t["desirable"] == 0)):
+            if sel.any():
+                out.update({f"rewards/{side}": t["rewards"][sel].mean().item(),
+                            f"mse/policy_{side}": t["mse/policy"][sel].mean().item(),
+                            f"mse/ref_{side}": t["mse/ref"][sel].mean().item()})
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 

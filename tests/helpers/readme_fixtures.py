@@ -176,30 +176,22 @@ def prepare(command: str) -> str:
 
 def loss_table() -> str:
     """The README's table of loss types, generated from the registry (``diffdpo.losses.LOSS_TYPES``):
-    name, the method and paper (the first sentence of the loss's docstring up to its formula), what it
-    needs, and its options. ``python tests/helpers/readme_fixtures.py`` prints it."""
+    name, the method and paper (``LossSpec.title``), what it needs, the recipes that can train it (the
+    diffusion recipe computes ``diffdpo.diffusion.objective.LOSS_INPUTS``; denoising errors exist for
+    diffusion models only), and its options. ``python tests/helpers/readme_fixtures.py`` prints it."""
+    from diffdpo.diffusion.objective import LOSS_INPUTS
     from diffdpo.losses import LOSS_TYPES
 
-    rows = ["| `loss.type` | method (paper) | reference | data | options |", "|---|---|---|---|---|"]
+    denoising = {"chosen_errors", "rejected_errors"}
+    rows = ["| `loss.type` | method (paper) | reference | data | recipes | options |", "|---|---|---|---|---|---|"]
     for name, spec in sorted(LOSS_TYPES.items()):
-        first = " ".join(spec.doc.split("\n\n")[0].split())
-        method = _before_formula(first)
-        method = re.sub(r"arXiv:(\d{4}\.\d{4,5})", r"[arXiv:\1](https://arxiv.org/abs/\1)", method)
+        method = re.sub(r"arXiv:(\d{4}\.\d{4,5})", r"[arXiv:\1](https://arxiv.org/abs/\1)", spec.title)
+        recipes = [r for r, ok in (("LLM", not denoising & set(spec.needs)),
+                                   ("diffusion", set(spec.needs) <= LOSS_INPUTS)) if ok]
         opts = ", ".join(f"`{k}`" for k in spec.options) or "-"
         rows.append(f"| `{name}` | {method} | {'yes' if spec.needs_reference else 'no'} | "
-                    f"{'pairs' if spec.paired else 'unpaired'} | {opts} |")
+                    f"{'pairs' if spec.paired else 'unpaired'} | {', '.join(recipes)} | {opts} |")
     return "\n".join(rows)
-
-
-def _before_formula(text: str) -> str:
-    """``text`` up to its first ':' outside parentheses (the docstrings' 'Method (paper): formula')."""
-    depth = 0
-    for i, ch in enumerate(text):
-        depth += ch == "("
-        depth -= ch == ")"
-        if ch == ":" and depth == 0:
-            return text[:i].strip().rstrip(",")
-    return text.strip()
 
 
 # ------------------------------------------------------------------ the workspace
