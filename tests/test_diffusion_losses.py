@@ -339,3 +339,21 @@ def test_published_configs_load_with_their_settings():
     for name in ("sd15_kto", "sdxl_mapo"):
         text = (ROOT / "recipes" / "configs" / f"{name}.yaml").read_text()
         assert text.startswith("#") and "recipes/diffusion_dpo.py --config" in text and "github.com" in text
+
+
+def test_the_documented_loss_blocks_load(tmp_path):
+    """docs/diffusion_dpo.md's YAML for Diffusion-KTO, MaPO and TangoFlux is a valid config each."""
+    import yaml
+
+    import diffusion_dpo
+    from diffdpo.config import load_config
+
+    doc = (ROOT / "docs" / "diffusion_dpo.md").read_text().split("## Diffusion-KTO, MaPO and TangoFlux", 1)[1]
+    block = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    loaded = []
+    for i, part in enumerate(yaml.safe_load_all(block)):
+        path = tmp_path / f"{i}.yaml"
+        path.write_text(yaml.safe_dump({**part, "model": {"name_or_path": "m"}}))
+        loaded.append(load_config(diffusion_dpo.DiffusionDPOConfig, path))
+    assert [(c.loss.type, c.loss.core_beta(), c.loss.sft_weight) for c in loaded] == \
+        [("kto", 1000.0, 0.0), ("mapo", 0.1, 0.0), ("sigmoid", 1000.0, 1.0)]
