@@ -231,3 +231,17 @@ def test_loss_and_data_mismatches_fail_before_loading(tmp_path, change, message)
     with pytest.raises(ValueError, match=message):
         load_config(diffusion_dpo.DiffusionDPOConfig, None,
                     overrides(str(tmp_path / "no_model"), tmp_path / "run", **change))
+
+
+def test_kto_two_processes_equal_one_process_with_double_batch(models, tmp_path):
+    """The reference point is the batch mean over processes (Diffusion-KTO's accelerator.reduce), so
+    2 x 2 samples make the same update as 1 x 4."""
+    one = run(overrides(models("sd15"), tmp_path / "one", **{**KTO, "train.per_device_batch": 4, **SGD}))
+    args = overrides(models("sd15"), tmp_path / "two", **{**KTO, "train.per_device_batch": 2, **SGD})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "recipes" / "diffusion_dpo.py"), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stderr, done.stderr[-3000:]
+    assert_same_update(_unet_weights(Path(models("sd15"))), one["trainable"], _unet_weights(tmp_path / "two" / "final"))
