@@ -241,10 +241,6 @@ def make_optimizer(params, cfg: TrainConfig, lr: float):
     raise ValueError(f"train.optimizer: unknown {cfg.optimizer!r}; valid: adamw, adamw8bit, adafactor, sgd")
 
 
-def trainable_state(unet) -> dict[str, torch.Tensor]:
-    return {k: p.detach().cpu().contiguous() for k, p in unet.named_parameters() if p.requires_grad}
-
-
 def load_trainable_state(unet, state: dict[str, torch.Tensor]) -> None:
     params = dict(unet.named_parameters())
     missing = sorted(k for k, p in params.items() if p.requires_grad and k not in state)
@@ -288,6 +284,8 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
         compute_reference_errors
     from diffdpo.diffusion.tiny import build_tiny
     from diffdpo.training.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+    from diffdpo.training.sharding import (check_engine, engine_name, load_model_state, load_optimizer_state,
+                                           model_state, optimizer_state, prepare_frozen, whole_weights)
 
     tc = cfg.train
     out_dir = Path(tc.output_dir)
@@ -297,6 +295,7 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")))
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    check_engine(accelerator)
     set_seed(tc.seed)
     if cfg.data.source != "toy" and not Path(cfg.data.path).exists():  # say so before minutes of model loading
         raise FileNotFoundError(f"data.path: no preference data at {cfg.data.path!r}")
@@ -427,6 +426,8 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
     raw_unet = accelerator.unwrap_model(unet)
     if isinstance(reference, LoraDisabledReference):
         reference.unet = raw_unet
+    if isinstance(reference, FrozenCopyReference):  # sharded like the policy under FSDP2
+        reference.unet = prepare_frozen(accelerator, reference.unet)
 
     # ---- resume
     step = 0
@@ -436,8 +437,9 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
         if ckpt is None:
             log.info("--resume: no checkpoint in %s, starting fresh", ckpt_root)
         else:
-            load_trainable_state(raw_unet, load_file(ckpt / "trainable.safetensors"))
-            optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            load_model_state(accelerator, unet, load_file(ckpt / "trainable.safetensors"), str(ckpt))
+            load_optimizer_state(accelerator, unet, optimizer,
+                                 torch.load(ckpt / "optimizer.pt", weights_only=True))
             lr_scheduler.load_state_dict(torch.load(ckpt / "lr_scheduler.pt", weights_only=True))
             step = load_trainer_state(ckpt)["step"]
             log.info("resumed from %s at step %d", ckpt, step)
@@ -447,15 +449,19 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
                 for a, sec in to_dict(cfg).items() if isinstance(sec, dict) for b, v in sec.items()}
         accelerator.init_trackers("diffusion_dpo", config=flat)
     unit = "pairs" if spec.paired else "samples"
-    log.info("%d %s (%d ties dropped, %d bad skipped), %d steps of %d %s on %d processes, beta %.1f (core), "
-             "reference %s", len(pairs), unit, pairset.dropped_ties, pairset.skipped, max_steps,
-             tc.per_device_batch * tc.grad_accum * world, unit, world, cfg.loss.core_beta(),
+    log.info("%d %s (%d ties dropped, %d bad skipped), %d steps of %d %s on %d processes (%s), beta %.1f "
+             "(core), reference %s", len(pairs), unit, pairset.dropped_ties, pairset.skipped, max_steps,
+             tc.per_device_batch * tc.grad_accum * world, unit, world, engine_name(accelerator), cfg.loss.core_beta(),
              cfg.reference if reference is not None else "none (reference-free loss)")
 
     def save(at_step: int) -> None:
+        # whole tensors gathered on every process (collectives under FSDP2), written by the main one
+        weights = model_state(accelerator, unet, trainable_only=True)
+        optim = optimizer_state(accelerator, unet, optimizer)
+
         def write(tmp: Path) -> None:
-            save_file(trainable_state(raw_unet), tmp / "trainable.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
+            torch.save(optim, tmp / "optimizer.pt")
             torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
 
         if accelerator.is_main_process:
@@ -463,11 +469,13 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
         accelerator.wait_for_everyone()
 
     def validate(at_step: int) -> None:
-        if accelerator.is_main_process and cfg.validation.prompts:
+        # a sharded UNet samples on every process (its forward gathers shards); the main one writes
+        if cfg.validation.prompts and (accelerator.is_main_process or accelerator.is_fsdp2):
             v = cfg.validation
             raw_unet.eval()
             items = backbone.sample(v.prompts, v.num_inference_steps, v.guidance_scale, v.seed)
             raw_unet.train()
+        if cfg.validation.prompts and accelerator.is_main_process:
             save_media(items, backbone.media, backbone.sample_rate if backbone.media == "audio" else 0,
                        out_dir / "samples" / f"step_{at_step}")
         accelerator.wait_for_everyone()
@@ -525,17 +533,20 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
 
     # ---- 6. final output
     final = out_dir / "final"
+    weights = model_state(accelerator, unet, trainable_only=cfg.model.lora_rank > 0)  # whole, on the main process
     if accelerator.is_main_process:
         if cfg.model.lora_rank > 0:
             from peft.utils import get_peft_model_state_dict
 
-            backbone.save_lora(final, get_peft_model_state_dict(raw_unet))
+            backbone.save_lora(final, get_peft_model_state_dict(raw_unet, state_dict=weights))
         else:
-            backbone.save_pretrained(final)
+            with whole_weights(raw_unet, weights):
+                backbone.save_pretrained(final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"history": history, "final": final, "pairs": len(pairs), "steps": step,
-            "trainable": trainable_state(raw_unet)}
+            "trainable": {k: weights[k] for k, p in raw_unet.named_parameters()
+                          if p.requires_grad and k in weights}}
 
 
 def _step_metrics(t: dict[str, torch.Tensor], n_buckets: int) -> dict[str, float]:

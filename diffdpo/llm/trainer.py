@@ -218,7 +218,8 @@ def train(cfg: LLMDPOConfig, model=None, tokenizer=None, on_step=None) -> dict:
     # while max_steps and warmup here count optimizer steps
     policy, optimizer = accelerator.prepare(policy, optimizer)
     # a separate reference is placed like the policy (sharded under FSDP2)
-    ref_scorer = prepare_frozen(accelerator, LogpsModel(ref_model, t.logp_chunk_size)) if ref_model is not None else None
+    ref_scorer = (prepare_frozen(accelerator, LogpsModel(ref_model, t.logp_chunk_size)) if ref_model is not None
+                  else None)
 
     # reference log-probs for every train / eval sequence, computed once (through the prepared, possibly
     # sharded model, before any step) and cached on disk

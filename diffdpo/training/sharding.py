@@ -12,6 +12,8 @@ every process.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -88,8 +90,12 @@ def load_model_state(accelerator, model: nn.Module, state: dict[str, torch.Tenso
 def load_optimizer_state(accelerator, model: nn.Module, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(_inner(accelerator, model), getattr(optimizer, "optimizer", optimizer), state,
-                             options=_options())
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if not state["state"]:  # a stateless optimizer (SGD without momentum): torch's loader needs a tensor to place
+        for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        return
+    set_optimizer_state_dict(_inner(accelerator, model), optimizer, state, options=_options())
 
 
 def prepare_frozen(accelerator, module: nn.Module) -> nn.Module:
@@ -102,3 +108,14 @@ def prepare_frozen(accelerator, module: nn.Module) -> nn.Module:
 
         return fsdp2_prepare_model(accelerator, module)
     return module.to(accelerator.device)
+
+
+@contextmanager
+def whole_weights(module: nn.Module, state: dict[str, torch.Tensor]):
+    """Inside the block ``module.state_dict()`` returns ``state``, so a library's own ``save_pretrained``
+    (diffusers' reads ``state_dict()``) writes the gathered weights instead of this process's shards."""
+    module.state_dict = lambda *args, **kwargs: state
+    try:
+        yield module
+    finally:
+        del module.state_dict
