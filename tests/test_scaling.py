@@ -297,3 +297,33 @@ def test_unet_fsdp_lora_disabled_reference_and_lora_export(unet, tmp_path):
     assert set(loaded) == set(one["trainable"])
     initial = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in one["trainable"].items()}
     assert_same_update(initial, one["trainable"], loaded, tolerance=1e-3)
+
+
+# ------------------------------------------------------------------ the builder across machines
+
+def test_prefs_build_on_two_machines_equals_one_process(tmp_path):
+    """Two torchrun agents with one process each, started as machine 0 and machine 1 of a 2-machine
+    job (static rendezvous on this host): the builder takes its share from the global process index,
+    so the set equals a one-process build byte for byte; only machine 0 assembles and reports."""
+    captions = tmp_path / "captions.txt"
+    captions.write_text("A dog barks followed by a man speaking\nRain falls while a bell rings\nA clock ticks\n"
+                        "Birds chirp, then a car passes by\nA siren wails after an engine hums\n")
+
+    def build(out: Path) -> list[str]:
+        return ["-m", "diffdpo", "prefs", "build", "--no-progress", "--config",
+                str(ROOT / "recipes/configs/prefs_tiny.yaml"), f"captions={captions}", f"out={out}", "shard_size=1",
+                "generator.kind=helpers.fake_media:make_generator", "scorer.kind=helpers.fake_media:make_scorer"]
+
+    env = {**ENV, "PYTHONPATH": str(ROOT / "tests")}
+    subprocess.run([sys.executable, *build(tmp_path / "one")], env=env, check=True, capture_output=True)
+    machines = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                                  str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port",
+                                  "29591", *build(tmp_path / "two")[:1], *build(tmp_path / "two")[1:]],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for rank in (0, 1)]
+    outputs = [m.communicate(timeout=240) for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert '"pairs"' in outputs[0][0] and '"pairs"' not in outputs[1][0]  # machine 1 knew it was process 1 of 2
+    one, two = (tmp_path / "one" / "prefs.jsonl").read_bytes(), (tmp_path / "two" / "prefs.jsonl").read_bytes()
+    assert one == two and one
+    assert len(list((tmp_path / "two" / "shards").glob("*.json"))) == 5

@@ -388,12 +388,16 @@ def _default_vocab():
 
 
 def _process_layout():
-    """(rank, world size, barrier) under accelerate; (0, 1, no-op) otherwise."""
+    """(rank, world size, barrier) under accelerate; (0, 1, no-op) otherwise. The rank is the global
+    process index, so machines split the shards as processes do."""
     try:
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
     except ImportError:
         return 0, 1, lambda: None
-    state = PartialState()
+    # CPU processes (accelerate launch --cpu) say so only through this variable, which PartialState,
+    # unlike Accelerator, does not read: without it each would build every shard as process 0 of 1
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     return state.process_index, state.num_processes, state.wait_for_everyone
 
 
