@@ -127,7 +127,7 @@ class LLMOnlinePolicy:
         self.reference.load_state_dict(self.model.state_dict())
         self.reference.requires_grad_(False).eval()
 
-    def train_round(self, records: list[dict], steps: int, seed: int) -> dict[str, float]:
+    def train_round(self, records: list[dict], steps: int, seed: int, on_step=None) -> dict[str, float]:
         pad = self.tokenizer.pad_token_id
         seqs = [r["chosen_output"] for r in records], [r["rejected_output"] for r in records]
         ref_all = None
@@ -155,6 +155,8 @@ class LLMOnlinePolicy:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
             self.optimizer.step()
             pool.add(core, extras)
+            if on_step is not None:
+                on_step(step + 1)
         return pool.result()
 
     def save(self, folder: Path) -> None:

@@ -73,7 +73,8 @@ class OnlinePolicy(Protocol):
 
     def reset_reference(self) -> None: ...
 
-    def train_round(self, records: list[dict], steps: int, seed: int) -> dict[str, float]: ...
+    def train_round(self, records: list[dict], steps: int, seed: int,
+                    on_step: Callable[[int], None] | None = None) -> dict[str, float]: ...
 
     def save(self, folder: Path) -> None: ...
 
@@ -92,8 +93,12 @@ def select(cfg: OnlineConfig, judgement, rng: random.Random) -> list[Pair]:
 
 def run_online(cfg: OnlineConfig, policy: OnlinePolicy, preference: PreferenceModel, prompts: Sequence[str],
                out_dir: str | Path, on_round: Callable[[int, dict], None] | None = None,
-               progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the rounds; returns ``{"history": [...], "calls": int, "rounds": int}``."""
+               on_step: Callable[[int], None] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the rounds; returns ``{"history": [...], "calls": int, "rounds": int}``.
+
+    ``on_round(round, entry)`` follows each round; ``on_step(step)`` each gradient step, counted over
+    all rounds (measurements along training at the same step for every method).
+    """
     if not prompts:
         raise ValueError("online loop: no prompts")
     out_dir = Path(out_dir)
@@ -132,8 +137,11 @@ def run_online(cfg: OnlineConfig, policy: OnlinePolicy, preference: PreferenceMo
                                 "chosen_win_prob": pair.chosen_win_prob, "rejected_win_prob": pair.rejected_win_prob,
                                 "round": rnd, "chosen_output": outs[pair.chosen], "rejected_output": outs[pair.rejected]})
         _write_round(out_dir / "rounds" / f"round_{rnd:04d}.jsonl", records)
-        metrics = policy.train_round(records, cfg.steps_per_round, seed) if records else {}
-        entry = {"round": rnd, "prompts": n, "pairs": len(records), "calls": preference.calls, **metrics}
+        steps_before = sum(h["steps"] for h in history)
+        step_hook = None if on_step is None else (lambda s, base=steps_before: on_step(base + s))
+        metrics = policy.train_round(records, cfg.steps_per_round, seed, step_hook) if records else {}
+        entry = {"round": rnd, "prompts": n, "pairs": len(records), "calls": preference.calls,
+                 "steps": cfg.steps_per_round if records else 0, **metrics}
         history.append(entry)
         if on_round is not None:
             on_round(rnd, entry)
