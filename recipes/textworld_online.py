@@ -1,6 +1,7 @@
 """TextWorld: offline, rejection-sampled, online and iterative preference optimisation at an equal budget.
 
     python recipes/textworld_online.py --out runs/textworld_online --split validation [--seeds 3]
+    python recipes/textworld_online.py --out runs/textworld_online --split test --seeds 3 --first-seed 1
 
 Per seed: SFT a tiny Llama on sorting six digits (as ``recipes/textworld_llm.py``), then run each
 method of ``recipes/configs/llm_online_*.yaml`` from that SFT model with the same preference model
@@ -56,10 +57,14 @@ METHODS = {  # name: (config, how its rounds scale)
 SPLIT_SEEDS = {"validation": 10_000, "test": 20_000}  # held-out prompt sets, disjoint from training prompts
 
 
-def scaled_config(name: str, budget: int, steps: int, out: Path, seed: int) -> LLMOnlineConfig:
-    """The method's config with its sizes scaled to ``budget`` calls and ``steps`` gradient steps."""
+def scaled_config(name: str, budget: int, steps: int, out: Path, seed: int, rso_candidates: int) -> LLMOnlineConfig:
+    """The method's config with its sizes scaled to ``budget`` calls and ``steps // rounds`` gradient
+    steps a round (SPPO's 3 rounds take 198 of 200 steps and are measured at 198)."""
     file, kind = METHODS[name]
-    cfg = load_config(LLMOnlineConfig, CONFIGS / file, [f"train.output_dir={out}", "train.progress=false"])
+    overrides = [f"train.output_dir={out}", "train.progress=false"]
+    if name.startswith("rso_"):
+        overrides.append(f"online.samples_per_prompt={rso_candidates}")
+    cfg = load_config(LLMOnlineConfig, CONFIGS / file, overrides)
     o = cfg.online
     k = o.samples_per_prompt
     rounds = {"one_round": 1, "iterative": o.rounds, "per_step": steps}[kind]
@@ -78,6 +83,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=200, help="gradient steps per method")
     ap.add_argument("--sft-steps", type=int, default=250)
     ap.add_argument("--eval-prompts", type=int, default=300)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run: first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--rso-candidates", type=int, default=16,
+                    help="RSO's candidates per prompt (chosen on validation; the configs' 64 leave 100 prompts)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     args = ap.parse_args(argv)
@@ -93,11 +101,11 @@ def main(argv=None) -> dict:
     checkpoints = sorted({args.steps // 4, args.steps // 2, args.steps})
     results: dict = {"settings": vars(args), "checkpoints": checkpoints, "seeds": {}}
     t0 = time.time()
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         sft_model = tw.make_model(tok, seed=seed, hidden_size=64, layers=2)
         tw.sft(sft_model, tok, task, steps=args.sft_steps, lr=2e-3, seed=seed)
         train_prompts = tw.held_out_prompts(task, args.budget, seed=seed + 1, exclude=excluded)
-        if seed == 0:  # what recipes/configs/llm_online_*.yaml run on
+        if seed == args.first_seed:  # what recipes/configs/llm_online_*.yaml run on
             sft_model.save_pretrained(out / "sft_model")
             tok.save_pretrained(out / "sft_model")
             (out / "prompts.txt").write_text("\n".join(train_prompts) + "\n")
@@ -122,7 +130,7 @@ def main(argv=None) -> dict:
 
 def run_method(name, args, sft_model, tok, task, train_prompts, eval_prompts, out: Path, seed: int,
                checkpoints) -> dict:
-    cfg = scaled_config(name, args.budget, args.steps, out, seed)
+    cfg = scaled_config(name, args.budget, args.steps, out, seed, args.rso_candidates)
     model = copy.deepcopy(sft_model)
     preference = RewardPreference(lambda ps, cs: [task.exact_reward(p, c) for p, c in zip(ps, cs)],
                                   cfg.preference.temperature, name="textworld exact reward")
@@ -131,15 +139,16 @@ def run_method(name, args, sft_model, tok, task, train_prompts, eval_prompts, ou
     exact, curve, done = {}, [], {"steps": 0}
 
     def on_round(rnd, entry):
-        done["steps"] += cfg.online.steps_per_round
+        done["steps"] += entry["steps"]
         curve.append({"step": done["steps"], **{k: v for k, v in entry.items() if isinstance(v, (int, float))}})
-        for c in checkpoints:
-            if str(c) not in exact and done["steps"] >= c:
-                exact[str(c)] = tw.exact_scores(model, tok, task, eval_prompts)
 
-    result = run_online(cfg.online, policy, preference, train_prompts, out, on_round, progress=False)
-    final = exact.get(str(args.steps)) or tw.exact_scores(model, tok, task, eval_prompts)
-    exact[str(args.steps)] = final
+    def on_step(step):
+        if step in checkpoints:
+            exact[str(step)] = tw.exact_scores(model, tok, task, eval_prompts)
+
+    result = run_online(cfg.online, policy, preference, train_prompts, out, on_round, on_step, progress=False)
+    for c in checkpoints:  # a method whose rounds stop short of a checkpoint is measured where it stopped
+        exact.setdefault(str(c), tw.exact_scores(model, tok, task, eval_prompts))
     kl = sampled_kl(model, sft_model, tok, eval_prompts[:100], num_samples=4, max_new_tokens=12, seed=seed)
     return {"exact": exact, "kl": kl["kl"]["mean"], "calls": result["calls"], "rounds": result["rounds"],
             "pairs": sum(h["pairs"] for h in result["history"]), "curve": curve,
@@ -235,7 +244,9 @@ def _check_args(args) -> None:
     if unknown or not args.methods:
         raise UserError(f"--methods: unknown {unknown}; valid: {list(METHODS)}" if unknown
                         else f"--methods: give at least one of {list(METHODS)}")
-    for name, low in {"seeds": 1, "budget": 32, "steps": 4, "sft_steps": 1, "eval_prompts": 2, "threads": 1}.items():
+    lows = {"rso_candidates": 2, "first_seed": 0, "seeds": 1, "budget": 32, "steps": 4, "sft_steps": 1,
+            "eval_prompts": 2, "threads": 1}
+    for name, low in lows.items():
         if getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')}: must be >= {low}, got {getattr(args, name)}")
 
