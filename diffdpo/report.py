@@ -12,6 +12,7 @@ soundfile and Pillow is required. Every string taken from ``results`` is HTML-es
     title, summary, settings (any JSON),
     table: [{metric, n, higher_is_better, models: {name: {mean, ci95}}, deltas: {name: {mean, ci95}}}],
     curves: {run: [{step, loss, "rewards/accuracies", ...}]},
+    interval_charts: [{title, xlabel, series: {name: [{x, mean, ci95}]}}]   (points with CI bars),
     examples: [{caption, seed, media: {model: path}, verdict: {model: text}}]
 """
 
@@ -166,6 +167,71 @@ def render_chart(metric: str, runs: dict[str, list[dict]], colors: dict[str, str
     return "".join(parts) + "</svg>"
 
 
+def render_interval_chart(title: str, series: dict[str, list[dict]], xlabel: str = "",
+                          width: int = 420, height: int = 220) -> str:
+    """One SVG chart of points ``{x, mean, ci95}`` joined per series, each with a vertical 95% CI bar;
+    a dashed line at 0 when the y range spans it (differences)."""
+    pts = {name: [p for p in points or [] if isinstance(p, dict) and _finite(p.get("x")) and _finite(p.get("mean"))]
+           for name, points in series.items()}
+    pts = {name: p for name, p in pts.items() if p}
+    if not pts:
+        return ""
+
+    def bar(p):
+        ci = _ci(p)
+        return ci if ci and all(_finite(v) for v in ci) else (p["mean"], p["mean"])
+
+    xs = [p["x"] for ps in pts.values() for p in ps]
+    ys = [v for ps in pts.values() for p in ps for v in (p["mean"], *bar(p))]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    pad = (y1 - y0) * 0.05
+    y0, y1 = y0 - pad, y1 + pad
+    left, right, top, bottom = 52, 12, 20, 40
+    pw, ph = width - left - right, height - top - bottom
+    px = lambda x: left + (x - x0) / (x1 - x0) * pw
+    py = lambda y: top + (y1 - y) / (y1 - y0) * ph
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'role="img" aria-label="{_e(title)}" font-size="10" font-family="sans-serif">',
+             f'<text x="{left}" y="13" font-size="12" font-weight="600">{_e(title)}</text>',
+             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
+             f'<text x="{left - 3}" y="{top + 8}" text-anchor="end">{_fmt(y1)}</text>',
+             f'<text x="{left - 3}" y="{top + ph}" text-anchor="end">{_fmt(y0)}</text>',
+             f'<text x="{left + pw / 2:.0f}" y="{top + ph + 24}" text-anchor="middle">{_e(xlabel)}</text>']
+    if y0 < 0 < y1:
+        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(0):.1f}" y2="{py(0):.1f}" stroke="#bbb" '
+                     'stroke-dasharray="3,3"/>')
+    for x in sorted(set(xs)):
+        parts.append(f'<text x="{px(x):.1f}" y="{top + ph + 12}" text-anchor="middle">{_fmt(x)}</text>')
+    for i, (name, ps) in enumerate(pts.items()):
+        color = PALETTE[i % len(PALETTE)]
+        ps = sorted(ps, key=lambda p: p["x"])
+        if len(ps) > 1:
+            parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="'
+                         + " ".join(f"{px(p['x']):.1f},{py(p['mean']):.1f}" for p in ps) + '"/>')
+        for p in ps:
+            lo, hi = bar(p)
+            x = px(p["x"])
+            parts.append(f'<g><title>{_e(name)} at {_fmt(p["x"])}: {_fmt(p["mean"])} [{_fmt(lo)}, {_fmt(hi)}]</title>'
+                         f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{py(lo):.1f}" y2="{py(hi):.1f}" stroke="{color}"/>'
+                         f'<line x1="{x - 4:.1f}" x2="{x + 4:.1f}" y1="{py(lo):.1f}" y2="{py(lo):.1f}" stroke="{color}"/>'
+                         f'<line x1="{x - 4:.1f}" x2="{x + 4:.1f}" y1="{py(hi):.1f}" y2="{py(hi):.1f}" stroke="{color}"/>'
+                         f'<circle cx="{x:.1f}" cy="{py(p["mean"]):.1f}" r="3" fill="{color}"/></g>')
+        lx = left + i * 130
+        parts.append(f'<rect x="{lx}" y="{height - 10}" width="10" height="3" fill="{color}"/>'
+                     f'<text x="{lx + 13}" y="{height - 6}">{_e(name)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def render_interval_charts(charts) -> str:
+    if not isinstance(charts, list) or not charts:
+        return ""
+    svgs = [render_interval_chart(str(c.get("title", "")), c.get("series") or {}, str(c.get("xlabel", "")))
+            for c in charts if isinstance(c, dict)]
+    svgs = [s for s in svgs if s]
+    return f'<h2>Charts</h2><div class="charts">{"".join(svgs)}</div>' if svgs else ""
+
+
 def render_curves(curves: dict, metrics=CURVE_METRICS) -> str:
     if not isinstance(curves, dict) or not curves:
         return ""
@@ -261,7 +327,9 @@ def render_html(results: dict, out_dir: Path, files_dir: str = "report_files") -
     sections = [f"<h1>{title}</h1>"]
     if results.get("summary"):
         sections += [f"<p>{_e(p.strip())}</p>" for p in str(results["summary"]).split("\n\n") if p.strip()]
-    sections += [render_table(results.get("table") or []), render_curves(results.get("curves") or {}),
+    sections += [render_table(results.get("table") or []),
+                 render_interval_charts(results.get("interval_charts") or []),
+                 render_curves(results.get("curves") or {}),
                  render_examples(results.get("examples") or [], out_dir, files_dir)]
     if results.get("settings"):
         text = json.dumps(results["settings"], indent=2, default=str, ensure_ascii=False)

@@ -4,6 +4,7 @@
     diffdpo soundworld sample --caption "A bell rings, then a dog barks" --out bell_dog.wav
     diffdpo soundworld detect clip.wav
     diffdpo soundworld ceiling --clips 600   # real test clips through the model's VAE + vocoder, judged
+    diffdpo soundworld reproduce --config recipes/configs/soundworld_reproduce_weak.yaml  # dose-response
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--clips", type=int, default=600, help="held-out test clips")
     p.add_argument("--seed", type=int, default=0, help="SoundWorld data seed")
     p.set_defaults(_action=_ceiling)
+
+    from diffdpo.worlds.soundworld import reproduce
+
+    p = sub.add_parser("reproduce", help="dose-response: a demo config's method trained on nested subsets of one "
+                                         "preference set (0 ... 2000 pairs), oracle and proxy against pairs, report.html")
+    reproduce.add_arguments(p)
+    p.set_defaults(_action=reproduce.run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -123,8 +123,9 @@ def _cached(path: Path, settings: dict):
         return None
     data = json.loads(path.read_text())
     if data.get("settings") != json.loads(json.dumps(settings)):
-        raise ValueError(f"{path} was made with other settings than this run's; use another out directory "
-                         f"or remove {path.parent}")
+        # a user mistake (one line, exit 2), still a ValueError for callers that catch that
+        raise ConfigError(f"{path} was made with other settings than this run's; use another out directory "
+                          f"or remove {path.parent}")
     return data
 
 
