@@ -156,3 +156,23 @@ def test_shipped_config_reproduces_the_preregistered_method_on_validation():
     assert demo.evaluate.split == "validation" and demo.dpo["loss"]["beta"] == 5000
     assert demo.dpo["train"]["max_steps"] == 240 and demo.base == "weak"
     assert model_names(cfg) == ["base", "dpo_250", "dpo_500", "dpo_1000", "dpo_2000", "sft_2000"]
+
+
+def test_growing_is_refused_after_a_partial_last_shard(tmp_path):
+    """7 captions in shards of 3 leave a last shard of 1 caption; once that shard is built, a set of 9
+    captions would miss 2 captions there, so the larger run is refused; before, it may grow."""
+    import dataclasses
+
+    from diffdpo.data.records import write_json_atomic
+    from diffdpo.worlds.soundworld.reproduce import ReproduceConfig, _grows, method_config, set_settings
+
+    (tmp_path / "method.yaml").write_text(TINY_METHOD)
+    small = ReproduceConfig(method=str(tmp_path / "method.yaml"), out=str(tmp_path), train_captions=7)
+    write_json_atomic(tmp_path / "set_settings.json", {"settings": set_settings(small, method_config(small))})
+    large = dataclasses.replace(small, train_captions=9)
+    assert _grows(tmp_path, set_settings(large, method_config(large)), method_config(large))
+    (tmp_path / "prefs" / "shards").mkdir(parents=True)
+    (tmp_path / "prefs" / "shards" / "00002.json").write_text("{}")
+    assert not _grows(tmp_path, set_settings(large, method_config(large)), method_config(large))
+    other = dataclasses.replace(large, pairs=[0, 1], method=str(tmp_path / "method.yaml"))
+    assert not _grows(tmp_path, {**set_settings(other, method_config(other)), "base": "clean"}, method_config(other))

@@ -114,9 +114,7 @@ def build_set(cfg: ReproduceConfig, demo) -> dict:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    # the builder's hash covers the caption file's path, not its captions: the count is guarded here
-    settings = {"train_captions": cfg.train_captions, "train_kinds": demo.train_kinds, "data_seed": demo.data_seed,
-                "prefs": demo.prefs, "base": demo.base, "base_model": demo.base_model}
+    settings = set_settings(cfg, demo)
     if _grows(out, settings, demo):  # more captions: the earlier shards are this set's first shards
         (out / "prefs" / "manifest.json").unlink(missing_ok=True)
         write_json_atomic(out / "set_settings.json", {"settings": settings})
@@ -139,11 +137,19 @@ def build_set(cfg: ReproduceConfig, demo) -> dict:
     return manifest
 
 
+def set_settings(cfg: ReproduceConfig, demo) -> dict:
+    """What the one set is made with; the builder's hash covers the caption file's path, not its
+    captions, so the caption count is guarded here."""
+    return {"train_captions": cfg.train_captions, "train_kinds": demo.train_kinds, "data_seed": demo.data_seed,
+            "prefs": demo.prefs, "base": demo.base, "base_model": demo.base_model}
+
+
 def _grows(out: Path, settings: dict, demo) -> bool:
     """True when ``out`` holds a set built with the same settings from fewer captions that this one
     extends: the captions are a prefix (the split's order), each caption's samples are seeded by the
-    caption, so its shards are this set's first ones, provided the earlier set ends on a full shard
-    (otherwise its last shard lacks captions of the larger set, and the rerun is refused)."""
+    caption, so its full shards are this set's first ones; a last, partial shard of the earlier set
+    (captions are de-duplicated, so this depends on the captions) must not have been built, as it lacks
+    captions of the larger set: then the rerun is refused."""
     from diffdpo.prefs.build import unique_captions
     from diffdpo.worlds.soundworld.dataset import split_scenes
 
@@ -157,7 +163,8 @@ def _grows(out: Path, settings: dict, demo) -> bool:
         return False
     scenes = split_scenes(demo.data_seed, "train", before["train_captions"], demo.train_kinds)
     unique, _ = unique_captions([s.caption for s in scenes])
-    return len(unique) % int(demo.prefs.get("shard_size", 16)) == 0
+    full, rest = divmod(len(unique), int(demo.prefs.get("shard_size", 16)))
+    return not rest or not (out / "prefs" / "shards" / f"{full:05d}.json").exists()
 
 
 def dose_pair_ids(prefs_dir: Path, n: int) -> list[str]:
