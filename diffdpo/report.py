@@ -191,7 +191,9 @@ def render_interval_chart(title: str, series: dict[str, list[dict]], xlabel: str
     pw, ph = width - left - right, height - top - bottom
     px = lambda x: left + (x - x0) / (x1 - x0) * pw
     py = lambda y: top + (y1 - y) / (y1 - y0) * ph
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+    per_row = max(1, (width - left) // 130)
+    full_height = height + 14 * ((len(pts) - 1) // per_row)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{full_height}" '
              f'role="img" aria-label="{_e(title)}" font-size="10" font-family="sans-serif">',
              f'<text x="{left}" y="13" font-size="12" font-weight="600">{_e(title)}</text>',
              f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
@@ -217,9 +219,10 @@ def render_interval_chart(title: str, series: dict[str, list[dict]], xlabel: str
                          f'<line x1="{x - 4:.1f}" x2="{x + 4:.1f}" y1="{py(lo):.1f}" y2="{py(lo):.1f}" stroke="{color}"/>'
                          f'<line x1="{x - 4:.1f}" x2="{x + 4:.1f}" y1="{py(hi):.1f}" y2="{py(hi):.1f}" stroke="{color}"/>'
                          f'<circle cx="{x:.1f}" cy="{py(p["mean"]):.1f}" r="3" fill="{color}"/></g>')
-        lx = left + i * 130
-        parts.append(f'<rect x="{lx}" y="{height - 10}" width="10" height="3" fill="{color}"/>'
-                     f'<text x="{lx + 13}" y="{height - 6}">{_e(name)}</text>')
+        row, col = divmod(i, per_row)  # the legend wraps below the chart, the page grows to hold it
+        lx, ly = left + col * 130, height - 10 + row * 14
+        parts.append(f'<rect x="{lx}" y="{ly}" width="10" height="3" fill="{color}"/>'
+                     f'<text x="{lx + 13}" y="{ly + 4}">{_e(name)}</text>')
     return "".join(parts) + "</svg>"
 
 

@@ -18,7 +18,8 @@ Measured on held-out prompts (``--split``: validation or test prompts, disjoint)
 expected exact reward (mean of 4 samples at temperature 1) at 1/4, 1/2 and all of the steps, a
 Monte-Carlo KL to the SFT model, and the log-ratio of the last round's chosen completions against
 the SFT model (does the method raise the chosen likelihood?). 95% CIs resample seeds, then prompts.
-Writes ``results_<split>.json``, ``results_<split>.md`` and ``report_<split>.html`` (the curves).
+Writes ``results_<split>.json``, ``results_<split>.md``, ``report_<split>.html`` and ``curves_<split>.svg``
+(exact reward against steps with CIs).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from diffdpo.llm.metrics import sampled_kl, sequence_logps  # noqa: E402
 from diffdpo.llm.online import LLMOnlineConfig, LLMOnlinePolicy  # noqa: E402
 from diffdpo.online.loop import run_online  # noqa: E402
 from diffdpo.preference_model import RewardPreference  # noqa: E402
-from diffdpo.report import write_report  # noqa: E402
+from diffdpo.report import render_interval_chart, write_report  # noqa: E402
 from diffdpo.worlds import textworld as tw  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -123,8 +124,12 @@ def main(argv=None) -> dict:
     (out / f"results{suffix}.json").write_text(json.dumps(results))
     (out / f"results{suffix}.md").write_text(render(results["summary"]))
     write_report(report_payload(results), out, f"report{suffix}")
+    chart = exact_reward_chart(results["summary"])
+    (out / f"curves{suffix}.svg").write_text(render_interval_chart(chart["title"], chart["series"], chart["xlabel"],
+                                                                   width=640, height=300))
     print(render(results["summary"]))
-    print(f"wrote {out / f'results{suffix}.json'}, {out / f'results{suffix}.md'} and {out / f'report{suffix}.html'}")
+    print(f"wrote {out / f'results{suffix}.json'}, {out / f'results{suffix}.md'}, {out / f'report{suffix}.html'} "
+          f"and {out / f'curves{suffix}.svg'}")
     return results
 
 
@@ -186,7 +191,7 @@ def summarize(results: dict, steps: int) -> dict:
     seeds = list(results["seeds"].values())
     names = [n for n in METHODS if all(n in s["methods"] for s in seeds)]
     summary = {"exact": {"sft": seed_bootstrap([s["sft"] for s in seeds])}, "per_seed": {}, "curves": {},
-               "kl": {}, "chosen_logratio": {}, "differences": {}, "calls": {}}
+               "curve_ci": {}, "kl": {}, "chosen_logratio": {}, "differences": {}, "calls": {}}
     summary["per_seed"]["sft"] = [_mean(s["sft"]) for s in seeds]
     for n in names:
         finals = [s["methods"][n]["exact"][str(steps)] for s in seeds]
@@ -194,6 +199,8 @@ def summarize(results: dict, steps: int) -> dict:
         summary["per_seed"][n] = [_mean(f) for f in finals]
         summary["curves"][n] = {c: _mean([_mean(s["methods"][n]["exact"][str(c)]) for s in seeds])
                                 for c in results["checkpoints"]}
+        summary["curve_ci"][n] = {c: seed_bootstrap([s["methods"][n]["exact"][str(c)] for s in seeds])
+                                  for c in results["checkpoints"]}
         summary["kl"][n] = _mean([s["methods"][n]["kl"] for s in seeds])
         summary["chosen_logratio"][n] = _mean([s["methods"][n]["chosen_logratio"] for s in seeds])
         summary["calls"][n] = [s["methods"][n]["calls"] for s in seeds]
@@ -236,7 +243,18 @@ def report_payload(results: dict) -> dict:
               "models": {n: {"mean": m, "ci95": [lo, hi]} for n, (m, lo, hi) in summary["exact"].items()}}]
     return {"title": "TextWorld: online and iterative preference optimisation at an equal budget",
             "summary": render(summary), "settings": results["settings"], "table": table,
+            "interval_charts": [exact_reward_chart(summary)],
             "curves": {n: r["curve"] for n, r in seed0["methods"].items()}}
+
+
+def exact_reward_chart(summary: dict) -> dict:
+    """Exact reward against gradient steps, each method from the SFT model's point at step 0, with the
+    two-level 95% CIs (the report's interval chart)."""
+    sft_mean, sft_lo, sft_hi = summary["exact"]["sft"]
+    start = {"x": 0, "mean": sft_mean, "ci95": [sft_lo, sft_hi]}
+    series = {n: [start] + [{"x": c, "mean": m, "ci95": [lo, hi]} for c, (m, lo, hi) in cis.items()]
+              for n, cis in summary["curve_ci"].items()}
+    return {"title": "exact reward, held-out prompts (95% CI)", "xlabel": "gradient steps", "series": series}
 
 
 def _check_args(args) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -238,3 +239,43 @@ def test_recipe_user_mistake_is_one_line(tmp_path):
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "online.sampler" in proc.stderr
+
+
+# ------------------------------------------------------------------ the TextWorld comparison recipe
+
+
+def test_textworld_comparison_measures_every_method_at_the_same_steps(tmp_path):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import textworld_online
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+    torch.set_num_threads(1)
+    results = textworld_online.main(["--out", str(tmp_path), "--split", "validation", "--seeds", "2", "--first-seed",
+                                     "3", "--budget", "64", "--steps", "8", "--sft-steps", "2", "--eval-prompts", "3",
+                                     "--methods", "dpo_offline", "ipo_online"])
+    assert list(results["seeds"]) == ["3", "4"] and results["checkpoints"] == [2, 4, 8]
+    for seed in results["seeds"].values():
+        for name, m in seed["methods"].items():
+            assert sorted(m["exact"], key=int) == ["2", "4", "8"] and all(len(v) == 3 for v in m["exact"].values())
+            assert m["calls"] <= 64, name
+    summary = results["summary"]
+    # the table's mean is the mean over seeds and prompts; its CI holds it
+    finals = [x for s in results["seeds"].values() for x in s["methods"]["ipo_online"]["exact"]["8"]]
+    mean, lo, hi = summary["exact"]["ipo_online"]
+    assert mean == pytest.approx(sum(finals) / len(finals)) and lo <= mean <= hi
+    assert summary["curve_ci"]["dpo_offline"][8][0] == pytest.approx(summary["exact"]["dpo_offline"][0])
+    assert "ipo_online - dpo_offline" in summary["differences"]
+    svg = (tmp_path / "curves_validation.svg").read_text()
+    assert svg.startswith("<svg") and "dpo_offline" in svg and "ipo_online" in svg
+    assert (tmp_path / "results_validation.json").is_file() and (tmp_path / "report_validation.html").is_file()
+
+
+def test_interval_chart_legend_wraps_instead_of_running_off_the_chart():
+    from diffdpo.report import render_interval_chart
+
+    series = {f"method_{i}": [{"x": 0, "mean": 0.5, "ci95": [0.4, 0.6]}, {"x": 1, "mean": 0.6}] for i in range(7)}
+    svg = render_interval_chart("t", series, "steps", width=640, height=300)
+    xs = [float(x) for x in re.findall(r'<text x="([\d.]+)" y="[\d.]+">method_', svg)]
+    assert len(xs) == 7 and max(xs) + 60 < 640  # every name starts inside the chart's width
+    assert 'height="314"' in svg  # 4 a row at this width: a second row adds 14 px
