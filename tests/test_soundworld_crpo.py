@@ -117,19 +117,58 @@ def test_resume_after_losing_the_last_round_is_identical(run, tmp_path, capsys):
         _recipe().main(["--config", str(TINY), f"out={again}", "loss.beta=1000"])
 
 
-def test_loss_is_dpo_plus_the_winner_loss_by_hand(tmp_path):
+@pytest.fixture(scope="module")
+def weak_backbone():
+    """A fresh copy of the shipped weak base per use (tests move its UNet in place); one thread, as the
+    recipe runs here (two threads beside other jobs on a 2-core machine mostly wait on each other)."""
+    import copy
+
+    from diffdpo.diffusion.models import load_backbone
+    from diffdpo.worlds.soundworld import BASES
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    backbone = load_backbone("tango", str(BASES["weak"] / "generator"))
+    yield lambda: copy.deepcopy(backbone)
+    torch.set_num_threads(threads)
+
+
+def test_reference_sampler_draws_from_the_round_0_model(weak_backbone, tmp_path):
+    """``sampler: reference`` samples the model as it was before training (one offline round), with the
+    same per-sample seeds; ``current`` samples the moved model; ``mixture`` is refused."""
+    from diffdpo.diffusion.online import DiffusionOnlinePolicy, OnlineDiffusionTrain
+    from diffdpo.diffusion.trainer import LossConfig
+
+    loss = LossConfig(type="sigmoid", beta=2000, beta_convention="tangoflux", sft_weight=1.0)
+    policy = DiffusionOnlinePolicy(weak_backbone(), loss, OnlineDiffusionTrain(num_inference_steps=2), tmp_path,
+                                   reference="previous_round", sampler="reference")
+    before = policy.sample(["Rain falls"], 2, "current", 0.0, 5)[0]
+    with torch.no_grad():
+        for p in policy.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    policy.reset_reference()  # previous_round: the reference follows the policy, the round-0 model stays
+    ref = policy.sample(["Rain falls"], 2, "reference", 0.0, 5)[0]
+    now = policy.sample(["Rain falls"], 2, "current", 0.0, 5)[0]
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(before, ref))
+    assert not torch.equal(before[0].latents, now[0].latents)
+    assert not torch.equal(before[0].latents, before[1].latents)  # each sample its own seed
+    assert [s.path for s in now] == ["round_0002/p0000_s0.wav", "round_0002/p0000_s1.wav"]
+    assert policy.media_of(now[1].path) is now[1].media and (tmp_path / now[1].path).is_file()
+    with pytest.raises(ValueError, match="mixture"):
+        policy.sample(["Rain falls"], 2, "mixture", 0.5, 5)
+
+
+def test_loss_is_dpo_plus_the_winner_loss_by_hand(weak_backbone, tmp_path):
     """TangoFlux's CRPO loss on one batch, computed here from the UNet's outputs:
     mean over pairs of -logsigmoid(-0.5 * 2000 * ((pw - pl) - (rw - rl))) + pw, with v-prediction targets."""
     import torch.nn.functional as F
 
     from diffdpo.diffusion.encode import stack_conditions
-    from diffdpo.diffusion.models import load_backbone
     from diffdpo.diffusion.online import DiffusionOnlinePolicy, OnlineDiffusionTrain
     from diffdpo.diffusion.trainer import LossConfig
-    from diffdpo.worlds.soundworld import BASES
 
     torch.manual_seed(0)
-    backbone = load_backbone("tango", str(BASES["weak"] / "generator"))
+    backbone = weak_backbone()
     loss = LossConfig(type="sigmoid", beta=2000, beta_convention="tangoflux", sft_weight=1.0)
     policy = DiffusionOnlinePolicy(backbone, loss, OnlineDiffusionTrain(per_device_batch=3), tmp_path,
                                    reference="initial")
