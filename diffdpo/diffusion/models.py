@@ -14,6 +14,8 @@ A :class:`Backbone` knows, for its family, how to turn a prompt into the UNet's 
   + T5 states and pooled CLIP).
 * ``flux``      — diffusers ``FluxPipeline`` (FluxTransformer2DModel, flow matching; T5 states, pooled
   CLIP, 2x2-packed latents with image ids, FLUX.1-dev's distilled guidance embedding).
+* ``tangoflux`` — TangoFlux (declare-lab/TangoFlux): FluxTransformer2DModel over Stable Audio Open VAE latents,
+  T5 states + a duration token, its published folder as it is (:mod:`diffdpo.diffusion.tangoflux`).
 
 Text encoders and the VAE are frozen (every published setting freezes them) and stay float32;
 only the denoiser trains: the UNet, or the transformer of SD3 / Flux (called ``unet`` here and in the
@@ -31,7 +33,7 @@ from torch import Tensor
 
 from diffdpo.diffusion.hub import OfflineModelError, from_pretrained
 
-FAMILIES = ("tango", "audioldm", "audioldm2", "sd15", "sdxl", "sd3", "flux")
+FAMILIES = ("tango", "audioldm", "audioldm2", "sd15", "sdxl", "sd3", "flux", "tangoflux")
 
 
 class Backbone:
@@ -313,6 +315,10 @@ def load_backbone(family: str, name_or_path: str, resolution: int = 512, audio_s
                 "published (hf download declare-lab/tango2-full --local-dir models/tango2-full), or "
                 "one in docs/model_layout.md's layout (e.g. the SoundWorld base model)")
         return TangoBackbone(TangoPipeline.from_pretrained(name_or_path), resolution, audio_seconds)
+    if family == "tangoflux":
+        from diffdpo.diffusion.tangoflux import TangoFluxBackbone, load_tangoflux
+
+        return TangoFluxBackbone(load_tangoflux(name_or_path), resolution, audio_seconds)
     import diffusers
 
     cls_name, backbone = {

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-TINY_FAMILIES = ("tango", "audioldm", "sd15", "sdxl", "audioldm2", "sd3", "flux")
+TINY_FAMILIES = ("tango", "audioldm", "sd15", "sdxl", "audioldm2", "sd3", "flux", "tangoflux")
 # families whose tiny folder is their published repository's layout, shrunk (diffdpo.diffusion.hub_layouts)
 _FROM_HUB_LAYOUT = {"sd3": "stabilityai/stable-diffusion-3-medium-diffusers", "flux": "black-forest-labs/FLUX.1-dev"}
 
@@ -23,6 +23,10 @@ _FROM_HUB_LAYOUT = {"sd3": "stabilityai/stable-diffusion-3-medium-diffusers", "f
 def build_tiny(family: str, path: str | Path, seed: int = 0) -> Path:
     """Write a tiny ``family`` model folder at ``path`` (skipped when it already exists)."""
     path = Path(path)
+    if family == "tangoflux":  # TangoFlux's own published layout, shrunk (no model_index.json)
+        from diffdpo.diffusion.tangoflux import build_checkpoint
+
+        return build_checkpoint(path, seed=seed)
     if (path / "model_index.json").is_file():
         return path
     if family in _FROM_HUB_LAYOUT:

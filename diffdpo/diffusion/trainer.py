@@ -5,7 +5,7 @@
     accelerate launch recipes/diffusion_dpo.py --config recipes/configs/sd15_dpo.yaml
 
 Families: tango (Tango-shaped folder, docs/model_layout.md), audioldm, audioldm2, sd15, sdxl,
-sd3, flux (flow-matching transformers: Flow-DPO, the same loss on velocity errors).
+sd3, flux, tangoflux (flow-matching transformers: Flow-DPO, the same loss on velocity errors).
 Top to bottom:
 
 1. load the backbone (hub id or local folder; offline without a copy it stops at once, saying
@@ -53,7 +53,8 @@ log = logging.getLogger("diffusion_dpo")
 
 @dataclass
 class ModelConfig:
-    family: str = field(default="sd15", metadata={"help": "tango | audioldm | audioldm2 | sd15 | sdxl | sd3 | flux"})
+    family: str = field(default="sd15", metadata={
+        "help": "tango | audioldm | audioldm2 | sd15 | sdxl | sd3 | flux | tangoflux"})
     name_or_path: str = field(default="", metadata={"help": "hub id or local folder"})
     tiny: bool = field(default=False, metadata={"help": "build a tiny random model of the family's real classes "
                                                         "at name_or_path first (tests, CPU smoke runs)"})
@@ -261,7 +262,9 @@ def save_media(items: list, media: str, sample_rate: int, folder: Path) -> None:
         if media == "image":
             item.save(folder / f"{i}.png")
         else:
-            sf.write(folder / f"{i}.wav", np.asarray(item, dtype=np.float32).reshape(-1), sample_rate)
+            wave = np.asarray(item, dtype=np.float32)
+            stereo = wave.ndim == 2 and wave.shape[0] == 2  # [channels, samples] (tangoflux) -> frames x channels
+            sf.write(folder / f"{i}.wav", wave.T if stereo else wave.reshape(-1), sample_rate)
 
 
 # ==================================================================== training
@@ -311,7 +314,7 @@ def train(cfg: DiffusionDPOConfig, resume: bool | str = False) -> dict:
                                  cfg.model.audio_seconds, cfg.model.guidance)
     pipe, unet = backbone.pipe, backbone.unet
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "projection_model", "language_model",
-                 "vocoder"):
+                 "vocoder", "conditioner"):
         module = getattr(pipe, name, None)
         if module is not None:
             module.requires_grad_(False).eval().to(accelerator.device)
