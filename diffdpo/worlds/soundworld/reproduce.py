@@ -49,7 +49,7 @@ class ReproduceConfig:
     method: str = field(default="recipes/configs/soundworld_demo_weak.yaml", metadata={
         "help": "demo config whose base, builder and Diffusion-DPO settings are reproduced (not tuned here)"})
     out: str = field(default="runs/soundworld_reproduce_weak", metadata={"help": "output directory (resumable)"})
-    train_captions: int = field(default=896, metadata={
+    train_captions: int = field(default=976, metadata={
         "help": "training captions the one preference set is built from (enough pairs for the largest dose)"})
     pairs: list[int] = field(default_factory=lambda: [0, 250, 500, 1000, 2000], metadata={
         "help": "doses: the first n pairs of the set (0 = the base)"})
