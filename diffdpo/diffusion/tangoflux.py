@@ -198,7 +198,9 @@ class TangoFluxPipeline:
         for module in (text_encoder, transformer, vae, conditioner):
             if dtype != torch.float32:
                 module.to(dtype)
-            module.eval().requires_grad_(False)
+            module.eval()
+        for module in (text_encoder, vae, conditioner):  # frozen; the transformer is what trains
+            module.requires_grad_(False)
         return pipe
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -222,7 +224,10 @@ class TangoFluxPipeline:
     def load_lora_weights(self, path: str | Path, adapter_name: str | None = None) -> None:
         """A ``pytorch_lora_weights.safetensors`` with ``transformer.`` keys (as ``FluxPipeline.save_lora_weights``
         writes it) onto the transformer."""
-        self.transformer.load_lora_adapter(str(path), prefix="transformer", adapter_name=adapter_name)
+        path = Path(path)
+        folder, name = (path, "pytorch_lora_weights.safetensors") if path.is_dir() else (path.parent, path.name)
+        self.transformer.load_lora_adapter(str(folder), weight_name=name, use_safetensors=True, prefix="transformer",
+                                           adapter_name=adapter_name)
 
     # ------------------------------------------------------------------ conditions
     @torch.no_grad()
