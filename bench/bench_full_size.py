@@ -75,6 +75,7 @@ HUB = ROOT / "diffdpo" / "diffusion" / "published" / "hub"
 SD3_REPO = HUB / "stabilityai--stable-diffusion-3-medium-diffusers"
 FLUX_REPO = HUB / "black-forest-labs--FLUX.1-dev"
 TANGO = ROOT / "diffdpo" / "diffusion" / "tango" / "published"
+TANGOFLUX = ROOT / "diffdpo" / "diffusion" / "published" / "tangoflux"
 GIB = 2**30
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_RANK = 8
@@ -138,6 +139,16 @@ FAMILIES: dict[str, Family] = {
                    json.loads((FLUX_REPO / "scheduler" / "scheduler_config.json").read_text()),
                    "1024x1024 -> latents 16x128x128 packed to 4096x64; T5 states 77x4096, pooled 768, guidance "
                    "3.5; flow matching", reduced_latent=(16, 8, 8)),
+    # TangoFlux: its transformer as its model.py builds it from config.json (derived file, published/tangoflux/);
+    # sequence latents [frames, channels], not [C, H, W]; the FLAN-T5 states carry the duration token
+    "tangoflux": Family("tangoflux", TANGOFLUX / "transformer_config.json", "FluxTransformer2DModel",
+                        "diffdpo.diffusion.tangoflux.TangoFluxBackbone", (645, 64),
+                        {"encoder_hidden_states": ("L", 1024), "encoder_attention_mask": ("mask", "L"),
+                         "pooled_projections": (1024,)},
+                        {"num_train_timesteps": 1000, "shift": 1.0},
+                        f"30 s at 44.1 kHz stereo -> Oobleck latents 645x64 (a sequence); FLAN-T5-large states "
+                        f"{TEXT_LEN}x1024 + a duration token, pooled 1024; flow matching, shift 1",
+                        reduced_latent=(16, 64)),
 }
 IMAGE_FAMILIES = ("sd15", "sdxl", "sd3", "flux")
 REDUCED_TEXT_LEN = 8
@@ -240,9 +251,12 @@ def backbone_shim(family: str):
     """The family's :class:`diffdpo.diffusion.models.Backbone` subclass, uninitialised: its
     ``predict`` / ``unet_kwargs`` (how the family calls its denoiser) read nothing from the instance
     but class defaults (Flux: its training guidance 3.5)."""
+    import importlib
+
     from diffdpo.diffusion import models
 
-    cls = getattr(models, FAMILIES[family].backbone)
+    module, _, name = FAMILIES[family].backbone.rpartition(".")  # a dotted path outside models (tangoflux)
+    cls = getattr(importlib.import_module(module) if module else models, name)
     return cls.__new__(cls)
 
 
@@ -311,6 +325,7 @@ DEFAULT_PLAN: list[tuple[str, str]] = [
     ("sd15", "full+cached+gc+adamw8bit"), ("sd15", "lora+cached"), ("sd15", "lora+lora_disabled+adamw8bit"),
     ("sd3", "lora+lora_disabled+gc"), ("sd3", "lora+lora_disabled+gc@768"), ("sd3", "lora+lora_disabled+gc@512"),
     ("sd3", "full+copy"), ("flux", "lora+lora_disabled+gc"),
+    ("tangoflux", "full+copy"), ("tangoflux", "lora+lora_disabled"),  # added with the family; not run yet
 ]
 
 
@@ -391,9 +406,16 @@ def activation_probe(family: str, kind: str, area_fraction: float = 0.25) -> dic
     from peft import LoraConfig
 
     train, *flags = kind.split("+")
-    c, h, w = latent_shape(family)
-    scale = area_fraction ** 0.5
-    ph, pw = max(8, int(round(h * scale / 8)) * 8), max(8, int(round(w * scale / 8)) * 8)
+    shape = latent_shape(family)
+    if len(shape) == 2:  # tangoflux: a sequence [frames, channels]; the probe shortens the sequence
+        (h, c), w = shape, 1
+        ph, pw = max(8, int(round(h * area_fraction))), 1
+        probe = (ph, c)
+    else:
+        c, h, w = shape
+        scale = area_fraction ** 0.5
+        ph, pw = max(8, int(round(h * scale / 8)) * 8), max(8, int(round(w * scale / 8)) * 8)
+        probe = (c, ph, pw)
     unet = build_unet(family).train()
     if train == "lora":
         unet.requires_grad_(False)
@@ -401,7 +423,7 @@ def activation_probe(family: str, kind: str, area_fraction: float = 0.25) -> dic
                                     target_modules=LORA_TARGETS))
     if "gc" in flags:
         unet.enable_gradient_checkpointing()
-    x = torch.randn(2, c, ph, pw)
+    x = torch.randn(2, *probe)
     cond = condition(family, 2)
     predict = predictor(family)
     grads = sum(p.numel() * 4 for p in unet.parameters() if p.requires_grad)
@@ -415,7 +437,7 @@ def activation_probe(family: str, kind: str, area_fraction: float = 0.25) -> dic
     time.sleep(0.05)
     sampler.stop()
     act = max(0, sampler.peak - before - grads)
-    return {"act_bytes": int(act * (h * w) / (ph * pw)), "probe_latent": [c, ph, pw],
+    return {"act_bytes": int(act * (h * w) / (ph * pw)), "probe_latent": list(probe),
             "params": param_count(unet), "trainable": sum(p.numel() for p in unet.parameters() if p.requires_grad)}
 
 

@@ -57,7 +57,8 @@ def test_published_unet_configs_are_the_hub_files():
     assert "huggingface.co" in (unets / "SOURCES.md").read_text()
     for family, spec in bfs.FAMILIES.items():  # each family's latent channels match its denoiser's
         packed = 4 if family == "flux" else 1  # Flux reads 2x2 patches packed into channels
-        assert json.loads(spec.config.read_text())["in_channels"] == packed * spec.latent[0], family
+        channels = spec.latent[-1] if family == "tangoflux" else spec.latent[0]  # tangoflux: [frames, channels]
+        assert json.loads(spec.config.read_text())["in_channels"] == packed * channels, family
 
 
 @pytest.mark.parametrize("family", list(bfs.FAMILIES))

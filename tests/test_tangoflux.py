@@ -316,3 +316,26 @@ def test_tangoflux_configs_load_with_their_settings(name, core_beta, lr):
         ("logit_normal", 0.0, 1.0, lr)
     text = path.read_text()
     assert text.startswith("#") and "recipes/diffusion_dpo.py --config" in text
+
+
+def test_the_full_size_bench_entry_is_the_published_transformer():
+    """bench/bench_full_size.py's tangoflux entry builds the transformer TangoFlux's config.json gives with a
+    1024-wide T5 (FLAN-T5-large): 516,695,616 parameters, which with FLAN-T5-large's encoder (341,231,104), fc and
+    the duration embedding (1,313,920) is 859,240,640 float32 values = 3,436,962,560 bytes, 89,400 bytes (the
+    safetensors header) short of the published tangoflux.safetensors (3,437,051,960 bytes). Counted on the meta
+    device, nothing is allocated; the bench itself is not run here."""
+    from transformers import T5Config
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_full_size as bfs
+
+    assert bfs.count_params("tangoflux")["params"] == 516_695_616
+    with torch.device("meta"):
+        _, transformer, _, _ = tf.TangoFluxPipeline.build_modules(
+            json.loads(tf.PUBLISHED_CONFIG.read_text()),
+            T5Config(d_model=1024, d_ff=2816, num_layers=24, num_heads=16, d_kv=64, feed_forward_proj="gated-gelu",
+                     vocab_size=32128))
+    derived = {k: v for k, v in json.loads((tf.PUBLISHED / "transformer_config.json").read_text()).items()
+               if not k.startswith("_")}
+    assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in transformer.config.items() if k in derived} \
+        == derived
