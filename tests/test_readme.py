@@ -46,8 +46,10 @@ import pytest
 
 from helpers.readme_fixtures import (
     DIFFUSION_OVERRIDES,
+    LLM_ONLINE_OVERRIDES,
     LLM_OVERRIDES,
     PREFS_OVERRIDES,
+    TEXTWORLD_ONLINE_OVERRIDES,
     build_workspace,
     loss_table,
     prepare,
@@ -141,7 +143,8 @@ def test_prepare_only_adds_the_documented_changes():
             head = base[:-len(" --resume")] if base.endswith(" --resume") else base
             assert prepared.startswith(head), (command, prepared)
             added = prepared[len(head):].replace(" --resume", "").split()
-            allowed = set(PREFS_OVERRIDES) | set(DIFFUSION_OVERRIDES) | set(LLM_OVERRIDES) | {
+            allowed = set(PREFS_OVERRIDES) | set(DIFFUSION_OVERRIDES) | set(LLM_OVERRIDES) | \
+                set(TEXTWORLD_ONLINE_OVERRIDES) | set(LLM_ONLINE_OVERRIDES) | {
                 "model.audio_seconds=1", "loss.sft_epochs=0", "model.resolution=32", "train.optimizer=adamw",
                 "train.max_steps=2"}
             assert set(added) <= allowed, (command, added)

@@ -41,6 +41,8 @@ Commands are changed in exactly these ways (:func:`prepare`), all printed in the
 * *speed overrides* are appended to the builder and the training recipes (before a trailing
   ``--resume``; :func:`speed_overrides`): fewer steps and samples, 1 s clips, 32 px images, no
   warm-up, a checkpoint every step (so that ``--resume`` has one to continue from), no trackers;
+  the TextWorld online comparison and the online recipe: one seed, SPPO only, a 64-call budget,
+  4 steps and one round of 2 prompts;
   the CPU settings of a GPU config (``train.mixed_precision=no``; ``train.optimizer=adamw`` for
   SDXL's 8-bit Adam, which needs bitsandbytes on a GPU); Tango 2's SFT epoch off
   (``loss.sft_epochs=0``: in a 1-step run it would be the whole run); and the builder's gaps at 0
@@ -142,6 +144,10 @@ DIFFUSION_FAMILY_OVERRIDES = {  # by config file name
 }
 LLM_OVERRIDES = ["train.max_steps=1", "train.batch_size=2", "train.grad_accum=1", "train.eval_every=0",
                  "train.save_every=0", "train.progress=false"]
+TEXTWORLD_ONLINE_OVERRIDES = ["--seeds", "1", "--budget", "64", "--steps", "4", "--sft-steps", "1",
+                              "--eval-prompts", "2", "--methods", "sppo"]
+LLM_ONLINE_OVERRIDES = ["online.rounds=1", "online.prompts_per_round=2", "online.steps_per_round=1",
+                        "train.batch_size=2", "train.progress=false"]
 
 
 def speed_overrides(command: str) -> list[str]:
@@ -151,6 +157,10 @@ def speed_overrides(command: str) -> list[str]:
         return list(PREFS_OVERRIDES)
     if "recipes/llm_dpo.py" in words:
         return list(LLM_OVERRIDES)
+    if "recipes/textworld_online.py" in words:  # argparse: the last --flag wins
+        return list(TEXTWORLD_ONLINE_OVERRIDES)
+    if "recipes/llm_online.py" in words:
+        return list(LLM_ONLINE_OVERRIDES)
     if "recipes/diffusion_dpo.py" in words or words[:2] == ["diffdpo", "train"]:
         config = Path(words[words.index("--config") + 1]).stem
         overrides = DIFFUSION_OVERRIDES + DIFFUSION_FAMILY_OVERRIDES.get(config, [])
