@@ -4,7 +4,8 @@
 
 Each round samples from the sampling policy (current, reference or their geometric mixture), labels
 the samples with a preference model (``preference.judge``: a reward model ``rm:PATH`` or a Python
-scorer ``module:function``, under Bradley-Terry), selects pairs (best vs worst, or RSO's rejection
+scorer ``module:function`` under Bradley-Terry, or a pairwise preference model ``pm:PATH``; both kinds
+are trained by :mod:`diffdpo.llm.reward_model`), selects pairs (best vs worst, or RSO's rejection
 sampling), writes them to ``<output_dir>/rounds/round_NNNN.jsonl`` and takes preference steps
 through the shared loss core. ``online.budget`` caps preference-model calls; a rerun resumes after
 the last finished round. The loop: :mod:`diffdpo.online.loop`; the methods: its module docstring.

@@ -28,7 +28,8 @@ from diffdpo.llm.objective import LossConfig, MetricPool, pair_losses
 from diffdpo.llm.trainer import ModelConfig, load_causal_lm, load_tokenizer
 from diffdpo.losses import loss_spec
 from diffdpo.online.loop import OnlineConfig, run_online
-from diffdpo.preference_model import PreferenceModel, RewardPreference
+from diffdpo.llm.reward_model import pairwise_judge
+from diffdpo.preference_model import PairwisePreference, PreferenceModel, RewardPreference
 
 Output = tuple[list[int], list[int]]
 
@@ -177,8 +178,10 @@ class LLMOnlinePolicy:
 @dataclass
 class PreferenceConfig:
     judge: str = field(default="", metadata={
-        "help": "rm:PATH (a reward model) or module:function(prompt, completion) -> float, as `eval llm --judge`"})
-    temperature: float = field(default=1.0, metadata={"help": "Bradley-Terry temperature of the win probabilities"})
+        "help": "rm:PATH (a reward model), pm:PATH (a pairwise preference model) or "
+                "module:function(prompt, completion) -> float, as `eval llm --judge`"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Bradley-Terry temperature of a pointwise judge's win probabilities (pm: unused)"})
 
 
 @dataclass
@@ -224,9 +227,12 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def judge_preference(cfg: PreferenceConfig) -> RewardPreference:
+def judge_preference(cfg: PreferenceConfig) -> PreferenceModel:
+    """``pm:PATH``: a pairwise preference model; otherwise a pointwise judge under Bradley-Terry."""
     if not cfg.judge:
-        raise ValueError("preference.judge: give rm:PATH or module:function")
+        raise ValueError("preference.judge: give rm:PATH, pm:PATH or module:function")
+    if cfg.judge.startswith("pm:"):
+        return PairwisePreference(pairwise_judge(cfg.judge[3:]), name=cfg.judge)
     judge = load_judge(cfg.judge)
     return RewardPreference(lambda prompts, outs: [judge(p, o) for p, o in zip(prompts, outs)], cfg.temperature,
                             name=cfg.judge)
