@@ -145,7 +145,7 @@ def test_more_captions_grow_the_set_and_keep_the_doses(reproduced):
 
 
 def test_shipped_config_reproduces_the_preregistered_method_on_validation():
-    from diffdpo.config import load_config
+    from diffdpo.config import load_config, to_dict
     from diffdpo.worlds.soundworld.reproduce import ReproduceConfig, method_config, model_names
 
     root = Path(__file__).resolve().parents[1]
@@ -156,6 +156,11 @@ def test_shipped_config_reproduces_the_preregistered_method_on_validation():
     assert demo.evaluate.split == "validation" and demo.dpo["loss"]["beta"] == 5000
     assert demo.dpo["train"]["max_steps"] == 240 and demo.base == "weak"
     assert model_names(cfg) == ["base", "dpo_250", "dpo_500", "dpo_1000", "dpo_2000", "sft_2000"]
+    clean = load_config(ReproduceConfig, root / "recipes" / "configs" / "soundworld_reproduce_clean.yaml")
+    clean.method = str(root / clean.method)
+    assert method_config(clean).base == "clean" and method_config(clean).evaluate.split == "validation"
+    assert {k: v for k, v in to_dict(clean).items() if k not in ("method", "out")} == \
+        {k: v for k, v in to_dict(cfg).items() if k not in ("method", "out")}
 
 
 def test_growing_is_refused_after_a_partial_last_shard(tmp_path):
