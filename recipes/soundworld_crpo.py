@@ -110,6 +110,15 @@ def settings_hash(cfg: CrpoConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as results report it: repository-relative when inside the repository (no machine's prefix)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def round_name(k: int) -> str:
     return "base" if k == 0 else f"round {k}"
 
@@ -148,6 +157,32 @@ def per_round_table(evals: dict[str, dict], scenes, reference: np.ndarray, n_res
             b = np.array([float(evals["base"]["rows"][i][row_field]) for i in idx])
             row["deltas"][f"{m} - base"] = mean_interval(a - b, n_resamples)
     return table
+
+
+def audit_rounds(rounds_dir: Path, oracle) -> list[dict]:
+    """The oracle's view of each round's pairs (what the CLAP ranking taught): how often the winner
+    satisfies its caption and the loser does not, the reverse, or a tie."""
+    import soundfile as sf
+
+    from diffdpo.worlds.soundworld.evaluate import caption_satisfied
+    from diffdpo.worlds.soundworld.oracle import score_detection
+    from diffdpo.worlds.soundworld.scenes import scene_from_caption
+
+    out = []
+    for path in sorted(rounds_dir.glob("round_*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        clips = [sf.read(rounds_dir / r[side], dtype="float32")[0] for r in rows for side in ("chosen", "rejected")]
+        detections = oracle.detect(clips)
+        won_lost = np.array([[float(caption_satisfied(score_detection(scene_from_caption(r["prompt"]), d)))
+                              for d in detections[2 * i:2 * i + 2]] for i, r in enumerate(rows)])
+        out.append({"round": rows[0]["round"] + 1, "pairs": len(rows),
+                    "winner_only": float(np.mean(won_lost[:, 0] > won_lost[:, 1])),
+                    "loser_only": float(np.mean(won_lost[:, 0] < won_lost[:, 1])),
+                    "tie": float(np.mean(won_lost[:, 0] == won_lost[:, 1])),
+                    "winner_satisfied": float(won_lost[:, 0].mean()), "loser_satisfied": float(won_lost[:, 1].mean())})
+    return out
 
 
 def markdown_table(table: list[dict]) -> str:
@@ -227,7 +262,12 @@ def run_crpo(cfg: CrpoConfig) -> dict:
     scenes, real_audio = clips(cfg.data_seed, ev.split, ev.captions)
     oracle, clap = Oracle.from_pretrained(), SoundWorldClap(cfg.base_dir / "clap")
     state = {"at_round": 0}  # the round the policy's weights are at (0 = the base, until a checkpoint loads)
-    timings: dict[str, float] = {}
+    seconds_file = out / "seconds.json"  # each stage's wall seconds, from the process that ran it
+    timings: dict[str, float] = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
+
+    def timed(name: str, value: float) -> None:
+        timings[name] = round(value, 1)
+        seconds_file.write_text(json.dumps(timings, indent=1))
 
     def evaluate(k: int) -> dict:
         def load_pipe():
@@ -237,17 +277,18 @@ def run_crpo(cfg: CrpoConfig) -> dict:
             return backbone.pipe
 
         model = cfg.model_dir if k == 0 else f"crpo {key} round {k}"
-        t0 = time.time()
-        result = evaluate_pipeline(load_pipe, out / f"eval_{ev.split}" / f"round_{k}", scenes, oracle, clap, ev,
-                                   f"evaluate {round_name(k)}", model)
-        timings[f"evaluate {round_name(k)}"] = round(time.time() - t0, 1)
+        folder = out / f"eval_{ev.split}" / f"round_{k}"
+        cached, t0 = (folder / "rows.json").exists(), time.time()
+        result = evaluate_pipeline(load_pipe, folder, scenes, oracle, clap, ev, f"evaluate {round_name(k)}", model)
+        if not cached:
+            timed(f"evaluate {round_name(k)}", time.time() - t0)
         return result
 
     evals = {"base": evaluate(0)}
     round_started = [time.time()]
 
     def on_round(rnd: int, entry: dict) -> None:
-        timings[f"round {rnd + 1}"] = round(time.time() - round_started[0], 1)
+        timed(f"round {rnd + 1}", time.time() - round_started[0])
         state["at_round"] = rnd + 1
         evals[round_name(rnd + 1)] = e = evaluate(rnd + 1)
         sat = np.mean([r["satisfied"] for r in e["rows"]])
@@ -279,27 +320,35 @@ def run_crpo(cfg: CrpoConfig) -> dict:
                                     "ci95": row["models"][round_name(k)]["ci95"]} for k in range(len(evals))]}}
               for row in table if row["key"] in ("satisfied", "order_correct", "single_event", "clap")]
     history = result["history"]
+    audit = audit_rounds(out / "rounds", oracle)
     results = {
         "title": f"CRPO on SoundWorld ({cfg.base} base): {len(history)} rounds of generate -> CLAP-rank -> "
                  f"DPO + winner loss, judged by the oracle on {ev.split} captions",
         "summary": summary_text(table) + f" {sum(h['pairs'] for h in history)} pairs, {result['calls']} CLAP calls, "
                    f"{sum(h['steps'] for h in history)} steps. A journal run on validation captions, not a "
-                   "pre-registered claim.",
+                   "pre-registered claim. The oracle on each round's pairs (winner satisfies its caption and the "
+                   "loser does not / the reverse / tie): " + "; ".join(
+                       f"round {a['round']} {a['winner_only']:.0%} / {a['loser_only']:.0%} / {a['tie']:.0%}"
+                       for a in audit) + ".",
         "table": table,
+        "pair_audit": audit,
         "curves": {"crpo": policy.log},
         "interval_charts": charts,
         "examples": examples,
         "rounds": history,
         "settings": {"crpo": to_dict(cfg), "settings_hash": key, "prompts": len(prompts),
-                     "models": {"base": cfg.model_dir, "final": str(out / "final")},
+                     "models": {"base": shown_path(cfg.model_dir), "final": shown_path(out / "final")},
                      "evaluation": {**to_dict(ev), "oracle": "SoundWorld oracle (weights/oracle)",
                                     "clap": clap.checkpoint_id, "split_seed": cfg.data_seed},
-                     "seconds": {**timings, "total (this process)": round(time.time() - started, 1)}},
+                     "seconds": {**timings, "this process": round(time.time() - started, 1)}},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown_table(table))
     html = write_report(results, out, "report")
     print("\n" + markdown_table(table))
+    for a in audit:
+        print(f"round {a['round']} pairs ({a['pairs']}), oracle: winner satisfies and loser not {a['winner_only']:.2f}, "
+              f"the reverse {a['loser_only']:.2f}, tie {a['tie']:.2f}")
     print(f"seconds: {results['settings']['seconds']}")
     print(f"results: {out / 'results.json'}\ntable:   {out / 'results.md'}\nreport:  {html}\n"
           f"rounds:  {out / 'rounds'}\nmodel:   {out / 'final'}")

@@ -70,6 +70,9 @@ def test_rounds_are_preference_sets_of_ranked_samples(run):
         assert table["clap"]["models"][name]["mean"] == pytest.approx(np.mean([r["clap"] for r in rows]))
     assert (out / "report.html").stat().st_size > 0 and (out / "results.md").is_file()
     assert len(results["curves"]["crpo"]) == 4 and results["curves"]["crpo"][-1]["step"] == 4
+    for a in results["pair_audit"]:  # the oracle's view of each round's pairs
+        assert a["pairs"] == 2 and a["winner_only"] + a["loser_only"] + a["tie"] == pytest.approx(1.0)
+    assert [a["round"] for a in results["pair_audit"]] == [1, 2]
 
 
 def test_report_loads_in_a_browser(run, browser):
