@@ -1,7 +1,7 @@
 """CRPO on SoundWorld (recipes/soundworld_crpo.py, diffdpo/diffusion/online.py) at test sizes: two rounds
 of generate -> CLAP-rank -> DPO + winner loss on the shipped weak base, the rounds written as
-preference sets, the model moved, a resume after losing the last round reproducing it exactly, and the
-loss against a hand computation of TangoFlux's formula."""
+preference sets, the model moved, a resume after losing the last round reproducing it exactly, the
+loss against a hand computation of TangoFlux's formula; and the policy on a diffusers family (tiny SD 1.5)."""
 
 from __future__ import annotations
 
@@ -213,3 +213,28 @@ def test_user_mistakes_are_config_errors():
         crpo.main(["--config", str(TINY), "online.sampler=mixture"])
     with pytest.raises(ConfigError, match="unpaired"):
         crpo.main(["--config", str(TINY), "loss.type=kto", "loss.beta_convention=core"])
+
+
+def test_a_diffusers_family_samples_encodes_and_trains(tmp_path):
+    """The policy is general: a diffusers pipeline (tiny SD 1.5) that hands back images is sampled, its
+    images written, encoded by the VAE as offline training reads them, and trained on."""
+    from diffdpo.diffusion.models import load_backbone
+    from diffdpo.diffusion.online import DiffusionOnlinePolicy, OnlineDiffusionTrain
+    from diffdpo.diffusion.tiny import build_tiny
+    from diffdpo.diffusion.trainer import LossConfig
+
+    build_tiny("sd15", tmp_path / "sd15")
+    backbone = load_backbone("sd15", str(tmp_path / "sd15"), resolution=16)
+    loss = LossConfig(type="sigmoid", beta=5000, beta_convention="salesforce")
+    policy = DiffusionOnlinePolicy(backbone, loss, OnlineDiffusionTrain(num_inference_steps=2, per_device_batch=2),
+                                   tmp_path / "rounds", reference="initial")
+    outs = policy.sample(["a red square", "a blue circle"], 2, "current", 0.0, 1)
+    assert [s.path for s in outs[1]] == ["round_0000/p0001_s0.png", "round_0000/p0001_s1.png"]
+    with torch.no_grad():
+        again = backbone.media_to_latents(backbone.load_media(tmp_path / "rounds" / outs[0][1].path)[None])
+    assert torch.allclose(outs[0][1].latents, again[0])
+    before = {k: v.clone() for k, v in policy.unet.state_dict().items()}
+    records = [{"prompt": o[0].prompt, "chosen_output": o[0], "rejected_output": o[1], "round": 0} for o in outs]
+    metrics = policy.train_round(records, 2, seed=3)
+    assert np.isfinite(metrics["loss"]) and policy.steps_done == 2
+    assert any(not torch.equal(before[k], v) for k, v in policy.unet.state_dict().items())
