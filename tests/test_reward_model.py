@@ -24,7 +24,7 @@ def world():
     tok = tw.make_tokenizer(task)
     sft = tw.make_model(tok, seed=0, hidden_size=64, layers=2)
     tw.sft(sft, tok, task, steps=150, lr=2e-3)
-    prompts = tw.held_out_prompts(task, 500, seed=1)
+    prompts = tw.held_out_prompts(task, 400, seed=1)
     rows = tw.make_pairs(task, prompts, tw.generate(sft, tok, prompts, num_samples=4, seed=0), "exact")
     return task, tok, sft, rows
 
@@ -76,7 +76,7 @@ def test_pairwise_model_learns_the_preferences_is_symmetric_and_judges_the_onlin
                                         add_special_tokens=False)).logits[0, 0])
         hand = (math.log1p(math.exp(-f(r["chosen"], r["rejected"]))) + math.log1p(math.exp(f(r["rejected"], r["chosen"])))) / 2
         assert float(pairwise_loss(pm, tok, [r])) == pytest.approx(hand, rel=1e-4)
-    losses = train_pairwise_model(pm, tok, train, steps=150, lr=2e-3, batch_size=32)
+    losses = train_pairwise_model(pm, tok, train, steps=80, lr=2e-3, batch_size=16)
     prompts = [x["prompt"] for x in held_out]
     p_cw = win_probability(pm, tok, prompts, [x["chosen"] for x in held_out], [x["rejected"] for x in held_out])
     p_wc = win_probability(pm, tok, prompts, [x["rejected"] for x in held_out], [x["chosen"] for x in held_out])
