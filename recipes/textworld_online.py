@@ -58,13 +58,16 @@ METHODS = {  # name: (config, how its rounds scale)
 SPLIT_SEEDS = {"validation": 10_000, "test": 20_000}  # held-out prompt sets, disjoint from training prompts
 
 
-def scaled_config(name: str, budget: int, steps: int, out: Path, seed: int, rso_candidates: int) -> LLMOnlineConfig:
+def scaled_config(name: str, budget: int, steps: int, out: Path, seed: int, rso_candidates: int,
+                  rso_beta: float | None = None) -> LLMOnlineConfig:
     """The method's config with its sizes scaled to ``budget`` calls and ``steps // rounds`` gradient
     steps a round (SPPO's 3 rounds take 198 of 200 steps and are measured at 198)."""
     file, kind = METHODS[name]
     overrides = [f"train.output_dir={out}", "train.progress=false"]
     if name.startswith("rso_"):
         overrides.append(f"online.samples_per_prompt={rso_candidates}")
+        if rso_beta is not None:
+            overrides.append(f"online.rso_beta={rso_beta}")
     cfg = load_config(LLMOnlineConfig, CONFIGS / file, overrides)
     o = cfg.online
     k = o.samples_per_prompt
@@ -85,6 +88,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--sft-steps", type=int, default=250)
     ap.add_argument("--eval-prompts", type=int, default=300)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds run: first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--rso-beta", type=float, default=None,
+                    help="RSO's rejection-sampling beta, on the reward's scale (default: the configs' 0.5)")
     ap.add_argument("--rso-candidates", type=int, default=16,
                     help="RSO's candidates per prompt (chosen on validation; the configs' 64 leave 100 prompts)")
     ap.add_argument("--threads", type=int, default=1)
@@ -135,7 +140,7 @@ def main(argv=None) -> dict:
 
 def run_method(name, args, sft_model, tok, task, train_prompts, eval_prompts, out: Path, seed: int,
                checkpoints) -> dict:
-    cfg = scaled_config(name, args.budget, args.steps, out, seed, args.rso_candidates)
+    cfg = scaled_config(name, args.budget, args.steps, out, seed, args.rso_candidates, args.rso_beta)
     model = copy.deepcopy(sft_model)
     preference = RewardPreference(lambda ps, cs: [task.exact_reward(p, c) for p, c in zip(ps, cs)],
                                   cfg.preference.temperature, name="textworld exact reward")
@@ -267,6 +272,8 @@ def _check_args(args) -> None:
     for name, low in lows.items():
         if getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')}: must be >= {low}, got {getattr(args, name)}")
+    if args.rso_beta is not None and not args.rso_beta > 0:
+        raise UserError(f"--rso-beta: must be > 0, got {args.rso_beta}")
 
 
 if __name__ == "__main__":

@@ -279,3 +279,18 @@ def test_interval_chart_legend_wraps_instead_of_running_off_the_chart():
     xs = [float(x) for x in re.findall(r'<text x="([\d.]+)" y="[\d.]+">method_', svg)]
     assert len(xs) == 7 and max(xs) + 60 < 640  # every name starts inside the chart's width
     assert 'height="314"' in svg  # 4 a row at this width: a second row adds 14 px
+
+
+def test_textworld_comparison_rso_options_reach_the_config_and_bad_values_are_refused(tmp_path):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    try:
+        import textworld_online
+    finally:
+        sys.path.remove(str(ROOT / "recipes"))
+    from diffdpo.errors import UserError
+
+    cfg = textworld_online.scaled_config("rso_dpo", 6400, 200, tmp_path, 0, rso_candidates=16, rso_beta=0.1)
+    assert cfg.online.samples_per_prompt == 16 and cfg.online.rso_beta == 0.1
+    assert textworld_online.scaled_config("rso_dpo", 6400, 200, tmp_path, 0, 16).online.rso_beta == 0.5  # configs'
+    with pytest.raises(UserError, match="--rso-beta"):
+        textworld_online.main(["--out", str(tmp_path), "--rso-beta", "0"])
