@@ -20,32 +20,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffdpo.diffusion.api import BETA_CONVENTIONS, core_beta, diffusion_dpo_loss
+from helpers.tiny_unet import perturbed, tiny_unet
 
 B = 3
 DOC = Path(__file__).resolve().parents[1] / "docs" / "diffusion_api.md"
 # the same loss in every convention: Salesforce's 5000 (and Tango 2's form), the diffusers SD1.5 example's 2500
 EQUAL_BETAS = [("salesforce", 5000.0), ("tango2", 5000.0), ("diffusers", 2500.0), ("core", 2500.0)]
-
-
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=4,
-                                block_out_channels=(8, 16), cross_attention_dim=16, attention_head_dim=4,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).eval()
-
-
-def perturbed(unet: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:
-    """A reference that differs from the policy, so the loss is not log 2."""
-    other = copy.deepcopy(unet)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return other
 
 
 def pair_batch(num_steps: int = 1000, seed: int = 0):

@@ -3,42 +3,25 @@ tiny real UNet; log 2 at initialisation; shared noise / timestep / prompt dropou
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffdpo.diffusion.encode import Encoded, repeat_for_pair
 from diffdpo.diffusion.logratios import draw_pairs, num_train_steps, pair_inputs, pair_seed
 from diffdpo.diffusion.objective import diffusion_dpo_step
 from diffdpo.diffusion.reference import FrozenCopyReference
 from diffdpo.losses import diffusion_beta
+from helpers.tiny_unet import perturbed, tiny_unet
 
 B, PUBLISHED_BETA = 4, 5000.0
 
 
-def tiny_unet(seed=0):
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=4, norm_num_groups=4).eval()
-
-
 def predict(unet, x, t, cond):
     return unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
-
-
-def perturbed(unet, scale=0.02, seed=1):
-    other = copy.deepcopy(unet)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return other
 
 
 def batch(seed=0):
@@ -72,7 +55,7 @@ def salesforce_loss(policy, reference, scheduler, w, l, cond, noise, t, beta_pub
 def test_loss_equals_salesforce_form(kind):
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=kind)
     policy = tiny_unet()
-    reference_unet = perturbed(policy)
+    reference_unet = perturbed(policy, scale=0.02)
     w, l, cond = batch()
     draws = draw_pairs([pair_seed(0, i, 0) for i in range(B)], (4, 8, 8), 1000, 0.0)
     ours = diffusion_dpo_step(predict, policy, FrozenCopyReference(reference_unet), scheduler, w, l, cond, draws,
@@ -199,7 +182,7 @@ def test_guided_loss_is_the_salesforce_form_on_the_cfg_prediction():
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     policy = tiny_unet()
-    reference_unet = perturbed(policy)
+    reference_unet = perturbed(policy, scale=0.02)
     w, l, cond = batch()
     empty = {"encoder_hidden_states": torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(7))}
     draws = draw_pairs([pair_seed(0, i, 0) for i in range(B)], (4, 8, 8), 1000, 0.0)

@@ -16,7 +16,6 @@ from pairs, feedback records) and the published configs.
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffdpo.diffusion.api import diffusion_dpo_loss
 from diffdpo.diffusion.data import Pair, desirable_weights, epoch_order, read_samples
@@ -32,6 +31,7 @@ from diffdpo.diffusion.logratios import PairDraws
 from diffdpo.diffusion.objective import diffusion_dpo_step, diffusion_kto_step
 from diffdpo.diffusion.reference import FrozenCopyReference
 from diffdpo.losses import diffusion_beta, preference_loss
+from helpers.tiny_unet import perturbed, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -120,23 +120,6 @@ def test_tangoflux_setting_is_sigmoid_plus_the_winners_mse_on_random_errors():
 # ------------------------------------------------------------ end to end on a tiny UNet
 
 B = 4
-
-
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=4,
-                                block_out_channels=(8, 16), cross_attention_dim=16, attention_head_dim=4,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).eval()
-
-
-def perturbed(unet, scale=0.05, seed=1):
-    other = copy.deepcopy(unet)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return other
 
 
 def predict(unet, noisy, t, cond):

@@ -28,6 +28,7 @@ import diffusion_dpo  # noqa: E402
 
 from diffdpo.config import load_config  # noqa: E402
 from diffdpo.diffusion.api import diffusion_dpo_loss  # noqa: E402
+from helpers.flow_dpo import assert_flow_dpo_is_the_rederivation  # noqa: E402
 from diffdpo.diffusion.logratios import draw_pairs, pair_seed  # noqa: E402
 from diffdpo.diffusion.models import load_backbone  # noqa: E402
 from diffdpo.diffusion.tiny import build_tiny  # noqa: E402
@@ -140,32 +141,9 @@ def test_flow_dpo_loss_and_gradients_equal_a_rederivation(models, family, sft_we
     got_grads = torch.autograd.grad(out.loss, params)
 
     sigma, t = _sigma_and_t(scheduler, index)
-    s = sigma.view(-1, 1, 1, 1)
-    # winners and losers in one forward, as Salesforce's train.py stacks them (float32 sums then match the
-    # toolkit's to the last bits, which beta = 1000 would otherwise amplify in the gradients)
-    x0 = torch.cat([winners, losers])
-    x_t = torch.cat([(1 - s) * winners + s * noise, (1 - s) * losers + s * noise])
-    cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
-
-    def mse(model):
-        pred = _by_hand(family, model, x_t, torch.cat([t, t]), cond2, 3.5)
-        return ((pred - (torch.cat([noise, noise]) - x0)) ** 2).flatten(1).mean(1).chunk(2)
-
-    with torch.no_grad():
-        ref_w, ref_l = mse(reference)
-    pol_w, pol_l = mse(policy)
-    losses = -torch.nn.functional.logsigmoid(-0.5 * beta * ((pol_w - pol_l) - (ref_w - ref_l))) + sft_weight * pol_w
-    want = losses.mean()
-    want_grads = torch.autograd.grad(want, params)
-
-    assert abs(want.item() - math.log(2) - sft_weight * pol_w.mean().item()) > 1e-3  # a loss with something in it
-    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.policy_errors[0], pol_w.detach(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(out.reference_errors[1], ref_l, rtol=1e-5, atol=1e-7)
-    scale = max(w.abs().max().item() for w in want_grads)
-    assert scale > 0
-    for got, expected in zip(got_grads, want_grads):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
+    assert_flow_dpo_is_the_rederivation(out, got_grads, params, policy, reference,
+                                        lambda m, x, tt, c: _by_hand(family, m, x, tt, c, 3.5),
+                                        winners, losers, noise, sigma, t, cond, beta, sft_weight)
 
 
 # ---------------------------------------------------------------- timesteps and configs

@@ -34,6 +34,7 @@ import diffusion_dpo  # noqa: E402
 from diffdpo.config import load_config  # noqa: E402
 from diffdpo.diffusion import tangoflux as tf  # noqa: E402
 from diffdpo.diffusion.api import diffusion_dpo_loss  # noqa: E402
+from helpers.flow_dpo import assert_flow_dpo_is_the_rederivation  # noqa: E402
 from diffdpo.diffusion.encode import stack_conditions  # noqa: E402
 from diffdpo.diffusion.hub import OfflineModelError  # noqa: E402
 from diffdpo.diffusion.models import load_backbone  # noqa: E402
@@ -265,30 +266,9 @@ def test_flow_dpo_loss_and_gradients_equal_a_rederivation(model, sft_weight):
 
     # TangoFlux's schedule: FlowMatchEulerDiscreteScheduler(1000), shift 1: index i -> sigma (1000 - i) / 1000
     sigma = (1000 - index).float() / 1000
-    s = sigma.view(-1, 1, 1)
-    x0 = torch.cat([winners, losers])
-    x_t = torch.cat([(1 - s) * winners + s * noise, (1 - s) * losers + s * noise])
-    cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
-
-    def mse(model):
-        pred = _by_hand(model, x_t, torch.cat([sigma, sigma]) * 1000, cond2)
-        return ((pred - (torch.cat([noise, noise]) - x0)) ** 2).flatten(1).mean(1).chunk(2)
-
-    with torch.no_grad():
-        ref_w, ref_l = mse(reference)
-    pol_w, pol_l = mse(policy)
-    losses = -torch.nn.functional.logsigmoid(-0.5 * beta * ((pol_w - pol_l) - (ref_w - ref_l))) + sft_weight * pol_w
-    want = losses.mean()
-    want_grads = torch.autograd.grad(want, params)
-
-    assert abs(want.item() - math.log(2) - sft_weight * pol_w.mean().item()) > 1e-3  # a loss with something in it
-    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.policy_errors[0], pol_w.detach(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(out.reference_errors[1], ref_l, rtol=1e-5, atol=1e-7)
-    scale = max(w.abs().max().item() for w in want_grads)
-    assert scale > 0
-    for got, expected in zip(got_grads, want_grads):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale)
+    assert_flow_dpo_is_the_rederivation(out, got_grads, params, policy, reference,
+                                        lambda m, x, tt, c: _by_hand(m, x, tt, c),
+                                        winners, losers, noise, sigma, sigma * 1000, cond, beta, sft_weight)
 
 
 def test_padded_prompts_in_a_batch_predict_as_they_do_alone(model):
