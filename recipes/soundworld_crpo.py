@@ -227,7 +227,7 @@ def run_crpo(cfg: CrpoConfig) -> dict:
     from diffdpo.report import write_report
     from diffdpo.worlds.soundworld.clap import SoundWorldClap
     from diffdpo.worlds.soundworld.dataset import clips, split_scenes
-    from diffdpo.worlds.soundworld.demo import evaluate_pipeline, example_indices, summary_text
+    from diffdpo.worlds.soundworld.demo import evaluate_pipeline, example_indices, oracle_verdict, summary_text
     from diffdpo.worlds.soundworld.oracle import Oracle
 
     if cfg.threads:
@@ -309,10 +309,7 @@ def run_crpo(cfg: CrpoConfig) -> dict:
     table = per_round_table(evals, scenes, reference, ev.bootstrap)
     examples = []
     for i in example_indices(scenes, ev.examples):
-        verdict = {}
-        for m, e in evals.items():
-            r = e["rows"][i]
-            verdict[m] = (", ".join(r["detected"]) or "nothing") + ("" if r["satisfied"] else "  (not satisfied)")
+        verdict = {m: oracle_verdict(e["rows"][i]) for m, e in evals.items()}
         media = {round_name(k): f"eval_{ev.split}/round_{k}/audio/{i:04d}.wav" for k in range(len(evals))}
         examples.append({"caption": scenes[i].caption, "seed": ev.seed + i, "media": media, "verdict": verdict})
     charts = [{"title": f"{row['metric']} ({ev.split}, {row['n']} captions)", "xlabel": "round (0 = base)",

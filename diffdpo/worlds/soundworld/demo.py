@@ -242,6 +242,12 @@ def example_indices(scenes, n: int) -> list[int]:
     return (multi + [i for i in range(len(scenes)) if i not in multi])[:n]
 
 
+def oracle_verdict(row: dict) -> str:
+    """An evaluation row as the report's caption under a clip: what the detector heard, and whether
+    that satisfies the caption."""
+    return (", ".join(row["detected"]) or "nothing") + ("" if row["satisfied"] else "  (not satisfied)")
+
+
 def audit_pairs(prefs_dir: Path, oracle) -> dict:
     """The oracle's view of the preference set: per strategy, how often the winner satisfies its
     caption where the loser does not, the reverse, or neither/both (a tie) — what DPO can learn."""
@@ -371,10 +377,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     examples, suffix = [], split_suffix(cfg.evaluate.split)
     for i in example_indices(scenes, cfg.evaluate.examples):
-        verdict = {}
-        for m, e in evals.items():
-            r = e["rows"][i]
-            verdict[m] = (", ".join(r["detected"]) or "nothing") + ("" if r["satisfied"] else "  (not satisfied)")
+        verdict = {m: oracle_verdict(e["rows"][i]) for m, e in evals.items()}
         examples.append({"caption": scenes[i].caption, "seed": cfg.evaluate.seed + i,
                          "media": {m: f"eval{suffix}/{m}/audio/{i:04d}.wav" for m in evals}, "verdict": verdict})
     results = {

@@ -297,7 +297,7 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
     from diffdpo.report import write_report
     from diffdpo.worlds.soundworld.clap import SoundWorldClap
     from diffdpo.worlds.soundworld.dataset import clips
-    from diffdpo.worlds.soundworld.demo import _model_dir, example_indices, split_suffix
+    from diffdpo.worlds.soundworld.demo import _model_dir, example_indices, oracle_verdict, split_suffix
 
     demo = method_config(cfg)  # every config mistake is found before anything runs
     if cfg.threads:
@@ -322,10 +322,7 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
     suffix = split_suffix(ev.split)
     examples = []
     for i in example_indices(scenes, ev.examples):
-        verdict = {}
-        for name, r in results.items():
-            row = r["rows"][i]
-            verdict[name] = (", ".join(row["detected"]) or "nothing") + ("" if row["satisfied"] else "  (not satisfied)")
+        verdict = {name: oracle_verdict(r["rows"][i]) for name, r in results.items()}
         examples.append({"caption": scenes[i].caption, "seed": ev.seed + i, "verdict": verdict,
                          "media": {name: f"eval{suffix}/{name}/audio/{i:04d}.wav" for name in results}})
     sat = points.get("satisfied", {}).get("dpo_minus_base", [])
