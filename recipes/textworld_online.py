@@ -128,8 +128,9 @@ def main(argv=None) -> dict:
     suffix = f"_{args.split}"
     (out / f"results{suffix}.json").write_text(json.dumps(results))
     (out / f"results{suffix}.md").write_text(render(results["summary"]))
-    write_report(report_payload(results), out, f"report{suffix}")
-    chart = exact_reward_chart(results["summary"])
+    payload = report_payload(results)
+    write_report(payload, out, f"report{suffix}")
+    chart = payload["interval_charts"][0]
     (out / f"curves{suffix}.svg").write_text(render_interval_chart(chart["title"], chart["series"], chart["xlabel"],
                                                                    width=640, height=300))
     print(render(results["summary"]))
