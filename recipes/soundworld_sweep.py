@@ -22,6 +22,7 @@ from pathlib import Path
 
 from diffdpo.config import from_dict, load_config, merge, run_main, to_dict
 from diffdpo.errors import ConfigError
+from diffdpo.worlds.soundworld.compare import checkpoint_pipeline
 from diffdpo.worlds.soundworld.demo import DemoConfig, EvalSettings, evaluate_pipeline, mean_interval, split_suffix
 
 
@@ -33,17 +34,6 @@ class SweepConfig:
     runs: dict = field(default_factory=dict, metadata={"help": "name -> DiffusionDPOConfig overrides of the demo's"})
     evaluate: dict = field(default_factory=dict, metadata={"help": "overrides of the demo's evaluation settings"})
     threads: int = 0
-
-
-def _load_checkpoint(base_dir: str, checkpoint: Path):
-    from safetensors.torch import load_file
-
-    from diffdpo.diffusion.trainer import load_trainable_state
-    from diffdpo.diffusion.tango.pipeline import TangoPipeline
-
-    pipe = TangoPipeline.from_pretrained(base_dir)
-    load_trainable_state(pipe.unet, load_file(checkpoint / "trainable.safetensors"))
-    return pipe
 
 
 def _summary(rows: list[dict], base_rows: list[dict], key: str) -> dict:
@@ -121,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             train(tcfg, resume=True)  # a finished run asked for later steps continues from its last checkpoint
         for step in cfg.steps:
             checkpoint = run_dir / "checkpoints" / f"step_{step}"
-            result = evaluate_pipeline(lambda c=checkpoint: _load_checkpoint(base_dir, c),
+            result = evaluate_pipeline(lambda c=checkpoint: checkpoint_pipeline(base_dir, c),
                                        run_dir / f"eval{tag}" / f"step_{step}", scenes, oracle, clap, ev, f"{name} @ {step}",
                                        str(checkpoint))
             table.append({"run": name, "step": step, "overrides": overrides,

@@ -373,6 +373,28 @@ def test_caption_sensitivity_errors_by_hand(pipe, fresh):
     assert replaced["true_better"] > 0.7 and replaced["relative_gap"] > 0.05
 
 
+def test_caption_sensitivity_of_a_flow_base_by_hand(pipe, fresh):
+    """On a rectified-flow schedule timestep 900 is s = 0.9: x_t = 0.1 x0 + 0.9 eps, target eps - x0 (by hand)."""
+    import copy
+
+    from diffdpo.diffusion.tango.audio import log_mel
+    from diffdpo.worlds.soundworld.components import build_scheduler
+    from diffdpo.worlds.soundworld.sensitivity import caption_sensitivity
+
+    flow = copy.copy(pipe)
+    flow.scheduler = build_scheduler("flow_matching")
+    scenes, audio = fresh
+    result = caption_sensitivity(flow, scenes, audio, timesteps=(900,), seed=3, batch_size=7)
+    picked = [i for i, s in enumerate(scenes) if s.kind == SEQUENCE]
+    latents = flow.mel_to_latents(log_mel(audio[picked], flow.audio_config))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        states, mask = flow.encode_text([scenes[i].caption for i in picked])
+        pred = flow.unet_forward(0.1 * latents + 0.9 * noise, torch.full((len(picked),), 900.0), states, mask)
+    np.testing.assert_allclose(result.true_errors[0], (pred - (noise - latents)).pow(2).mean(dim=(1, 2, 3)).numpy(),
+                               rtol=1e-4)
+
+
 def test_linear_probe_by_hand():
     """A target that is a feature is read exactly; one independent of the features is not."""
     from diffdpo.worlds.soundworld.sensitivity import linear_probe

@@ -114,7 +114,7 @@ def test_mistakes_are_one_line_and_exit_code_2(reproduced, capsys):
         ("pairs=[500,250]",): "pairs",
         ("evaluate={split: test}",): "test split",
         ("train_captions=5",): "other settings",           # the set was built from 6 captions: no shrinking
-        ("pairs=[0,3,6000]",): "fewer than the largest dose",
+        ("pairs=[0,3,6000]",): "fewer than the 6000 asked for",
         ("dpo_steps=3",): "dpo_steps",
     }
     for extra, needle in cases.items():
@@ -173,11 +173,11 @@ def test_growing_is_refused_after_a_partial_last_shard(tmp_path):
 
     (tmp_path / "method.yaml").write_text(TINY_METHOD)
     small = ReproduceConfig(method=str(tmp_path / "method.yaml"), out=str(tmp_path), train_captions=7)
-    write_json_atomic(tmp_path / "set_settings.json", {"settings": set_settings(small, method_config(small))})
+    write_json_atomic(tmp_path / "set_settings.json", {"settings": set_settings(method_config(small))})
     large = dataclasses.replace(small, train_captions=9)
-    assert _grows(tmp_path, set_settings(large, method_config(large)), method_config(large))
+    assert _grows(tmp_path, set_settings(method_config(large)), method_config(large))
     (tmp_path / "prefs" / "shards").mkdir(parents=True)
     (tmp_path / "prefs" / "shards" / "00002.json").write_text("{}")
-    assert not _grows(tmp_path, set_settings(large, method_config(large)), method_config(large))
+    assert not _grows(tmp_path, set_settings(method_config(large)), method_config(large))
     other = dataclasses.replace(large, pairs=[0, 1], method=str(tmp_path / "method.yaml"))
-    assert not _grows(tmp_path, {**set_settings(other, method_config(other)), "base": "clean"}, method_config(other))
+    assert not _grows(tmp_path, {**set_settings(method_config(other)), "base": "clean"}, method_config(other))

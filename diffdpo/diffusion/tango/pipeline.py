@@ -63,6 +63,26 @@ def _drop_load_time_keys(folder: Path) -> None:
             config.write_text(json.dumps({k: v for k, v in data.items() if k not in LOAD_TIME_KEYS}, indent=2) + "\n")
 
 
+def load_training_scheduler(folder: Path):
+    """The saved training schedule: rectified flow (``FlowMatchEulerDiscreteScheduler``) when the
+    config names it, else DDPM (Tango's, AudioLDM's and SoundWorld's clean and weak bases)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    name = json.loads((folder / "scheduler_config.json").read_text()).get("_class_name")
+    cls = FlowMatchEulerDiscreteScheduler if name == "FlowMatchEulerDiscreteScheduler" else DDPMScheduler
+    return cls.from_pretrained(folder)
+
+
+def default_sampler(training_scheduler):
+    """A fresh sampler for a training schedule (``set_timesteps`` mutates it): DDIM for DDPM
+    schedules (prediction type and spacing from the config), Euler for rectified flow."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if isinstance(training_scheduler, FlowMatchEulerDiscreteScheduler):
+        return FlowMatchEulerDiscreteScheduler.from_config(training_scheduler.config)
+    return DDIMScheduler.from_config(training_scheduler.config)
+
+
 class TangoPipeline:
     """The components of a Tango-shaped model plus sampling. Inference only (``torch.no_grad``).
 
@@ -85,7 +105,7 @@ class TangoPipeline:
         """A folder in docs/model_layout.md's layout, or a checkpoint folder in Tango's own layout
         (``main_config.json`` + ``pytorch_model_*.bin``), read as it is; ``text_encoder`` overrides
         where a Tango checkpoint's tokenizer and T5 config come from (default: its main_config)."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import T5EncoderModel
 
         from diffdpo.diffusion.tango import checkpoint
@@ -115,7 +135,7 @@ class TangoPipeline:
         return cls(load_tokenizer(path / "tokenizer"),
                    T5EncoderModel.from_pretrained(path / "text_encoder").eval(),
                    AutoencoderKL.from_pretrained(path / "vae").eval(),
-                   unet, DDPMScheduler.from_pretrained(path / "scheduler"), cfg, vocoder,
+                   unet, load_training_scheduler(path / "scheduler"), cfg, vocoder,
                    index.get("converted_from"))
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -125,7 +145,8 @@ class TangoPipeline:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         features = position_features(self.unet)
-        index = {**MODEL_INDEX, **({"vocoder": VOCODER_ENTRY} if self.vocoder is not None else {}),
+        index = {**MODEL_INDEX, "scheduler": ["diffusers", type(self.scheduler).__name__],
+                 **({"vocoder": VOCODER_ENTRY} if self.vocoder is not None else {}),
                  **({"position_features": features} if features else {}),
                  **({"converted_from": self.converted_from} if self.converted_from else {})}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
@@ -203,12 +224,10 @@ class TangoPipeline:
                        seed: int | list[int] = 0, scheduler=None, batch_size: int = 32) -> torch.Tensor:
         """Scaled latents for ``captions``. Caption ``i`` starts from noise seeded ``seed + i``
         (or ``seed[i]``), so a sample does not depend on what else is in the batch."""
-        from diffusers import DDIMScheduler
-
         seeds = [seed + i for i in range(len(captions))] if isinstance(seed, int) else list(seed)
         if len(seeds) != len(captions):
             raise ValueError(f"{len(seeds)} seeds for {len(captions)} captions")
-        sampler = scheduler or DDIMScheduler.from_config(self.scheduler.config)
+        sampler = scheduler or default_sampler(self.scheduler)
         out = []
         for s in range(0, len(captions), batch_size):
             caps, sds = list(captions[s:s + batch_size]), seeds[s:s + batch_size]
@@ -216,15 +235,18 @@ class TangoPipeline:
             guided = guidance_scale != 1.0
             states, mask = self.encode_text(caps + [""] * b if guided else caps)
             lat = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(int(x)))
-                               for x in sds]).to(self.unet.device) * sampler.init_noise_sigma
+                               for x in sds]).to(self.unet.device)
+            lat = lat * getattr(sampler, "init_noise_sigma", 1.0)  # rectified flow starts at unit noise
             sampler.set_timesteps(num_inference_steps)
             for t in sampler.timesteps:
-                inp = sampler.scale_model_input(torch.cat([lat, lat]) if guided else lat, t)
-                eps = self.unet_forward(inp, t.expand(len(inp)), states, mask)
+                inp = torch.cat([lat, lat]) if guided else lat
+                if hasattr(sampler, "scale_model_input"):  # DDIM's is the identity; flow samplers have none
+                    inp = sampler.scale_model_input(inp, t)
+                pred = self.unet_forward(inp, t.expand(len(inp)), states, mask)
                 if guided:
-                    cond, uncond = eps.chunk(2)
-                    eps = uncond + guidance_scale * (cond - uncond)
-                lat = sampler.step(eps, t, lat).prev_sample
+                    cond, uncond = pred.chunk(2)
+                    pred = uncond + guidance_scale * (cond - uncond)
+                lat = sampler.step(pred, t, lat).prev_sample
             out.append(lat.cpu())
         return torch.cat(out)
 

@@ -5,6 +5,7 @@
     diffdpo soundworld detect clip.wav
     diffdpo soundworld ceiling --clips 600   # real test clips through the model's VAE + vocoder, judged
     diffdpo soundworld reproduce --config recipes/configs/soundworld_reproduce_weak.yaml  # dose-response
+    diffdpo soundworld compare --config recipes/configs/soundworld_compare_flow.yaml      # losses side by side
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "preference set (0 ... 2000 pairs), oracle and proxy against pairs, report.html")
     reproduce.add_arguments(p)
     p.set_defaults(_action=reproduce.run)
+
+    from diffdpo.worlds.soundworld import compare
+
+    p = sub.add_parser("compare", help="preference losses side by side: each arm trained on one preference set, "
+                                       "checkpoints judged by the oracle, paired CIs, report.html")
+    compare.add_arguments(p)
+    p.set_defaults(_action=compare.run)
 
 
 def run(args: argparse.Namespace) -> int:

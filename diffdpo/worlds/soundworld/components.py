@@ -83,9 +83,16 @@ def build_unet(latent_size: int, arch: GeneratorArch):
 
 
 def build_scheduler(prediction_type: str = "epsilon", timestep_spacing: str = "leading"):
-    """DDPM training schedule (cosine: terminal SNR ~2e-9); the sampler (DDIM) reads its
-    ``prediction_type`` and ``timestep_spacing`` from this config."""
-    from diffusers import DDPMScheduler
+    """The training schedule, saved with the model; the sampler reads its config.
 
+    ``epsilon`` / ``v_prediction``: DDPM (cosine: terminal SNR ~2e-9), sampled with DDIM at
+    ``timestep_spacing``. ``flow_matching``: rectified flow (``x_t = (1 - s) x0 + s eps``, target
+    ``eps - x0``) in diffusers' FlowMatchEulerDiscreteScheduler with shift 1 (SD3 shifts to 3 for
+    1024 px images; these latents are 64 x 32), sampled with its Euler steps; spacing does not apply.
+    """
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if prediction_type == "flow_matching":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
                          timestep_spacing=timestep_spacing, clip_sample=False)

@@ -159,18 +159,26 @@ def _proxy_is_soundworld_clap(cfg: DemoConfig) -> bool:
     return cfg.base != "clean" and scorer.get("kind", "clap:soundworld") == "clap:soundworld" and not scorer.get("ckpt")
 
 
-def train_model(cfg: DemoConfig, out: Path, name: str) -> dict:
-    """``name`` = "dpo" (the config's loss) or "sft" (winners' denoising loss only, same pairs and steps)."""
-    from diffdpo.diffusion.trainer import DiffusionDPOConfig, train
+def training_config(cfg: DemoConfig, out: Path, name: str):
+    """The trainer's config of model ``name``: ``cfg.dpo`` on the base and the preference set in ``out``,
+    into ``out/name``; "sft" trains the winners' denoising loss only (same pairs and steps). Raises on a
+    bad ``cfg.dpo`` before anything runs."""
+    from diffdpo.diffusion.trainer import DiffusionDPOConfig
 
-    run_dir = out / name
     overrides = {"model": {"family": "tango", "name_or_path": _model_dir(cfg, out, "base")},
                  "data": {"source": "jsonl", "path": str(out / "prefs")},
-                 "train": {"output_dir": str(run_dir), "seed": cfg.seed, "report_to": "none"}}
+                 "train": {"output_dir": str(out / name), "seed": cfg.seed, "report_to": "none"}}
     if name == "sft":
         overrides["loss"] = {"sft_epochs": 10**9}
-    tcfg = from_dict(DiffusionDPOConfig, merge(cfg.dpo, overrides))
-    done = run_dir / "history.json"
+    return from_dict(DiffusionDPOConfig, merge(cfg.dpo, overrides))
+
+
+def train_model(cfg: DemoConfig, out: Path, name: str) -> dict:
+    """Train :func:`training_config`'s model, or read it back when a run with the same settings finished."""
+    from diffdpo.diffusion.trainer import train
+
+    tcfg = training_config(cfg, out, name)
+    done = out / name / "history.json"
     if (summary := _cached(done, to_dict(tcfg))) is not None:
         return summary
     result = train(tcfg)
@@ -292,8 +300,10 @@ def mean_interval(values: np.ndarray, n_resamples: int) -> dict:
     return {"mean": float(values.mean()), "ci95": [ci.low, ci.high], "n": int(len(values))}
 
 
-def results_table(evals: dict[str, dict], scenes, reference: np.ndarray, n_resamples: int) -> list[dict]:
-    """One row per metric: each model's mean with a bootstrap CI, and paired differences."""
+def results_table(evals: dict[str, dict], scenes, reference: np.ndarray, n_resamples: int,
+                  deltas: tuple[tuple[str, str], ...] = DELTAS) -> list[dict]:
+    """One row per metric: each model's mean with a bootstrap CI, and the paired differences ``a - b``
+    for each ``(a, b)`` of ``deltas`` whose models were evaluated."""
     from diffdpo.metrics.frechet import GaussianStats, frechet_distance_from_stats
     from diffdpo.metrics.stats import bootstrap_ci
 
@@ -306,25 +316,25 @@ def results_table(evals: dict[str, dict], scenes, reference: np.ndarray, n_resam
         table.append({"metric": label, "key": key, "n": int(len(idx)), "higher_is_better": higher,
                       "models": {m: mean_interval(v, n_resamples) for m, v in vals.items()},
                       "deltas": {f"{a} - {b}": mean_interval(vals[a] - vals[b], n_resamples)
-                                 for a, b in DELTAS if a in vals and b in vals}})
+                                 for a, b in deltas if a in vals and b in vals}})
     ref = GaussianStats.from_embeddings(reference)
 
     def fad(emb: np.ndarray) -> float:
         return frechet_distance_from_stats(ref, GaussianStats.from_embeddings(emb))
 
     items = np.arange(len(scenes))
-    models, deltas = {}, {}
+    models, fad_deltas = {}, {}
     for m, e in evals.items():
         ci = bootstrap_ci(lambda i: fad(e["embeddings"][i]), [items], n_resamples=min(n_resamples, 200))
         models[m] = {"mean": fad(e["embeddings"]), "ci95": [ci.low, ci.high], "n": len(items)}
-    for a, b in DELTAS:
+    for a, b in deltas:
         if a in evals and b in evals:
             ea, eb = evals[a]["embeddings"], evals[b]["embeddings"]
             ci = bootstrap_ci(lambda i: fad(ea[i]) - fad(eb[i]), [items], n_resamples=min(n_resamples, 200))
-            deltas[f"{a} - {b}"] = {"mean": models[a]["mean"] - models[b]["mean"], "ci95": [ci.low, ci.high],
-                                    "n": len(items)}
+            fad_deltas[f"{a} - {b}"] = {"mean": models[a]["mean"] - models[b]["mean"],
+                                        "ci95": [ci.low, ci.high], "n": len(items)}
     table.append({"metric": f"FAD vs the {len(reference)} real clips of these captions (SoundWorld-CLAP audio embeddings)",
-                  "key": "fad", "n": len(items), "higher_is_better": False, "models": models, "deltas": deltas})
+                  "key": "fad", "n": len(items), "higher_is_better": False, "models": models, "deltas": fad_deltas})
     return table
 
 

@@ -106,41 +106,43 @@ def _model_config(demo, name: str):
 # ------------------------------------------------------------------ stages
 
 
-def build_set(cfg: ReproduceConfig, demo) -> dict:
-    """The one preference set (the demo's builder stage); on several processes when asked."""
+def build_set(demo, prefs_processes: int = 1, threads: int = 0, min_pairs: int = 0) -> dict:
+    """The one preference set of ``demo`` (its builder stage, into ``demo.out``); on several processes
+    when asked; refused when it holds fewer than ``min_pairs`` pairs. ``diffdpo soundworld compare``
+    builds its set with it too."""
     from diffdpo.worlds.soundworld.demo import _cached, build_prefs, prefs_config
     from diffdpo.data.records import write_json_atomic
     from diffdpo.worlds.soundworld.dataset import split_scenes
 
-    out = Path(cfg.out)
+    out = Path(demo.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = set_settings(cfg, demo)
+    settings = set_settings(demo)
     if _grows(out, settings, demo):  # more captions: the earlier shards are this set's first shards
         (out / "prefs" / "manifest.json").unlink(missing_ok=True)
         write_json_atomic(out / "set_settings.json", {"settings": settings})
     if _cached(out / "set_settings.json", settings) is None:
         write_json_atomic(out / "set_settings.json", {"settings": settings})
-    if cfg.prefs_processes > 1 and not (out / "prefs" / "manifest.json").exists():
+    if prefs_processes > 1 and not (out / "prefs" / "manifest.json").exists():
         scenes = split_scenes(demo.data_seed, "train", demo.train_captions, demo.train_kinds)
         (out / "train_captions.txt").write_text("".join(s.caption + "\n" for s in scenes))
         save_config(prefs_config(demo, out), out / "prefs_build.yaml")
-        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": str(cfg.threads or 1),
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": str(threads or 1),
                "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.prefs_processes}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={prefs_processes}",
                "-m", "diffdpo", "prefs", "build", "--config", str(out / "prefs_build.yaml"), "--no-progress"]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, env=env, check=True)
     manifest = build_prefs(demo, out)  # one process: builds what is left (all of it when alone), assembles
-    if manifest["pairs"] < cfg.largest:
-        raise UserError(f"the preference set {out / 'prefs'} holds {manifest['pairs']} pairs, fewer than the largest "
-                        f"dose {cfg.largest}: use another out directory with more train_captions, or smaller pairs")
+    if manifest["pairs"] < min_pairs:
+        raise UserError(f"the preference set {out / 'prefs'} holds {manifest['pairs']} pairs, fewer than the {min_pairs} "
+                        "asked for: use another out directory with more train_captions, or fewer pairs")
     return manifest
 
 
-def set_settings(cfg: ReproduceConfig, demo) -> dict:
+def set_settings(demo) -> dict:
     """What the one set is made with; the builder's hash covers the caption file's path, not its
     captions, so the caption count is guarded here."""
-    return {"train_captions": cfg.train_captions, "train_kinds": demo.train_kinds, "data_seed": demo.data_seed,
+    return {"train_captions": demo.train_captions, "train_kinds": demo.train_kinds, "data_seed": demo.data_seed,
             "prefs": demo.prefs, "base": demo.base, "base_model": demo.base_model}
 
 
@@ -304,7 +306,7 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     out, started = Path(cfg.out), time.time()
     print("== prefs", flush=True)
-    manifest = build_set(cfg, demo)
+    manifest = build_set(demo, cfg.prefs_processes, cfg.threads, cfg.largest)
     seconds = {"prefs": round(time.time() - started, 1)}
     t0 = time.time()
     results = run_models(cfg)

@@ -74,17 +74,18 @@ class Sensitivity:
 
 def _noised(pipe, audio: np.ndarray, timesteps, seed: int):
     """For each timestep in turn: ``(k, noisy, steps, target)`` for the clips' latents, one fresh
-    noise draw per timestep from a generator seeded with ``seed``."""
-    from diffusers import DDPMScheduler
+    noise draw per timestep from a generator seeded with ``seed``. Timesteps count up with noise
+    (DDPM's 0..999; rectified flow's 1000 x sigma), so one list fits both kinds of base."""
+    from diffdpo.diffusion.logratios import noisy_and_target, num_train_steps, prediction_kind
 
-    from diffdpo.diffusion.logratios import noisy_and_target
-
-    noising = DDPMScheduler.from_config(pipe.scheduler.config)
+    noising = type(pipe.scheduler).from_config(pipe.scheduler.config)  # fresh: untouched by set_timesteps
+    flow = prediction_kind(noising) == "flow_matching"  # its index 0 is the noisiest timestep
     latents = pipe.mel_to_latents(log_mel(np.asarray(audio), pipe.audio_config))
     generator = torch.Generator().manual_seed(seed)
     for k, t in enumerate(timesteps):
         noise = torch.randn(latents.shape, generator=generator)
-        yield (k, *noisy_and_target(noising, latents, noise, torch.full((len(latents),), int(t))))
+        index = num_train_steps(noising) - int(t) if flow else int(t)
+        yield (k, *noisy_and_target(noising, latents, noise, torch.full((len(latents),), index)))
 
 
 @torch.no_grad()

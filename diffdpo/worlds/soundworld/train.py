@@ -148,9 +148,13 @@ class GeneratorConfig(LoopConfig):
     snapshot_every: int = field(default=500, metadata={"help": "call the snapshot hook every N steps; 0 = never"})
     prediction_type: str = field(default="epsilon", metadata={
         "help": "UNet target, saved in the scheduler config: epsilon | v_prediction (v keeps weight on the "
-                "noisiest steps, where a sample's layout is decided)"})
+                "noisiest steps, where a sample's layout is decided) | flow_matching (rectified flow, target "
+                "eps - x0; components.build_scheduler)"})
     timestep_spacing: str = field(default="leading", metadata={
         "help": "DDIM sampling steps: leading (first step t=900 of 1000 at 10 steps) | trailing (first t=999)"})
+    timestep_sampling: str = field(default="uniform", metadata={
+        "help": "training timestep density: uniform | logit_normal (u = sigmoid(N(0, 1)); SD3's and "
+                "TangoFlux's for rectified flow, Esser et al. 2024, arXiv:2403.03206)"})
 
 
 def tokenize(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,8 +173,13 @@ def train_generator(unet, text_encoder, tokenizer, noise_scheduler, latents: tor
     """
     from diffusers.training_utils import EMAModel
 
-    from diffdpo.diffusion.logratios import noisy_and_target
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from diffdpo.diffusion.logratios import TIMESTEP_SAMPLING, noisy_and_target, num_train_steps
     from diffdpo.diffusion.tango.position import with_time_ramp
+
+    if cfg.timestep_sampling not in TIMESTEP_SAMPLING:
+        raise ValueError(f"generator.timestep_sampling {cfg.timestep_sampling!r}: valid are {list(TIMESTEP_SAMPLING)}")
 
     gen = torch.Generator().manual_seed(seed)
     ids, mask = tokenize(tokenizer, captions)
@@ -181,7 +190,7 @@ def train_generator(unet, text_encoder, tokenizer, noise_scheduler, latents: tor
     ema_text = EMAModel(text_encoder.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
     unet.train()
     text_encoder.train()
-    n_train_t = noise_scheduler.config.num_train_timesteps
+    n_train_t = num_train_steps(noise_scheduler)
     t0, step, running = time.time(), 0, None
     bar = tqdm(total=cfg.steps, desc="generator")
     for idx in _batches(len(latents), cfg.batch_size, gen):
@@ -197,8 +206,12 @@ def train_generator(unet, text_encoder, tokenizer, noise_scheduler, latents: tor
         b_ids, b_mask = b_ids[:, :width], b_mask[:, :width]
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        xt, t, target = noisy_and_target(noise_scheduler, x0, noise,
-                                         torch.randint(0, n_train_t, (len(idx),), generator=gen))
+        if cfg.timestep_sampling == "uniform":
+            step_index = torch.randint(0, n_train_t, (len(idx),), generator=gen)
+        else:  # sigmoid(normal) can round to 1.0 in float32
+            u = compute_density_for_timestep_sampling(cfg.timestep_sampling, len(idx), 0.0, 1.0, generator=gen)
+            step_index = (u * n_train_t).long().clamp(max=n_train_t - 1)
+        xt, t, target = noisy_and_target(noise_scheduler, x0, noise, step_index)
         states = text_encoder(input_ids=b_ids, attention_mask=b_mask).last_hidden_state
         pred = unet(with_time_ramp(xt, unet.config.in_channels), t, encoder_hidden_states=states,
                     encoder_attention_mask=b_mask).sample
