@@ -325,12 +325,14 @@ DEFAULT_PLAN: list[tuple[str, str]] = [
     ("sd15", "full+cached+gc+adamw8bit"), ("sd15", "lora+cached"), ("sd15", "lora+lora_disabled+adamw8bit"),
     ("sd3", "lora+lora_disabled+gc"), ("sd3", "lora+lora_disabled+gc@768"), ("sd3", "lora+lora_disabled+gc@512"),
     ("sd3", "full+copy"), ("flux", "lora+lora_disabled+gc"),
-    ("tangoflux", "full+copy"), ("tangoflux", "lora+lora_disabled"),  # added with the family; not run yet
+    ("tangoflux", "full+copy"), ("tangoflux", "lora+lora_disabled"), ("tangoflux", "lora+lora_disabled+gc"),
 ]
 
 
 def unsupported_reason(family: str, v: Variant) -> str | None:
     """Why the toolkit cannot train a variant of a family at all (None when it can)."""
+    if v.side and family not in IMAGE_FAMILIES:
+        return f"an image side (@{v.side}) applies to image families only ({', '.join(IMAGE_FAMILIES)})"
     if v.gc and FAMILIES[family].unet_class == "audioldm2":
         return ("diffusers' AudioLDM2UNet2DConditionModel breaks under gradient checkpointing: its checkpointed "
                 "branch passes the Transformer2DModel arguments by position without added_cond_kwargs, so the "
@@ -502,10 +504,17 @@ def measure(family: str, variant: str, steps: int = 2, warmup: int = 1, reduced:
         # tiny ops: with other processes on the cores, OpenMP threads spin at every barrier waiting for
         # a preempted sibling, and a step of a tiny UNet takes seconds instead of milliseconds
         torch.set_num_threads(1)
+    # Subnormal floats take x86's slow path (tens of times slower per operation). At random weights a huge
+    # Diffusion-DPO beta saturates the sigmoid after a step, and the backward pass then carries subnormal
+    # gradients: measured on TangoFlux full+copy, one DPO step took 432 s against 32 s for the next (whose
+    # loss was exactly 0). Flushing them to zero times the step's arithmetic, not the slow path.
+    flushed = device == "cpu" and torch.set_flush_denormal(True)
     try:
         return _measure(family, v, steps, warmup, reduced, device, floor_steps, sft_steps, seed, peak_fn)
     finally:
         torch.set_num_threads(threads)
+        if flushed:
+            torch.set_flush_denormal(False)
 
 
 def _measure(family, v, steps, warmup, reduced, device, floor_steps, sft_steps, seed, peak_fn) -> dict:

@@ -156,6 +156,7 @@ def test_unsupported_and_oversized_variants_are_named_not_run():
     assert bfs.static_gib(counts["params"], counts["lora"], bfs.Variant.parse("lora+lora_disabled")) < 12
     v = bfs.Variant.parse("lora+lora_disabled+gc@512")
     assert v.side == 512 and v.base == "lora+lora_disabled+gc" and bfs.latent_shape("sdxl", side=512) == (4, 64, 64)
+    assert "image families only" in bfs.unsupported_reason("tangoflux", v)  # an audio sequence has no side
 
 
 def test_flow_transformers_at_published_size_what_fits_24_gib():
