@@ -42,6 +42,10 @@ ALLOWED: dict[str, dict[str, str]] = {
         "/work/": "the recorded command lines of the runs that made the clean base's VAE, which the weak base "
                   "reuses (provenance written by recipes/soundworld_pretrain.py, not a citation)",
     },
+    "diffdpo/worlds/soundworld/weights_flow/MANIFEST.json": {
+        "/work/": "the recorded command lines of the runs that made the clean base's VAE, which the flow base "
+                  "reuses (provenance written by recipes/soundworld_pretrain.py, not a citation)",
+    },
 }
 
 def tracked_mentions() -> list[tuple[str, int, str, str]]:
