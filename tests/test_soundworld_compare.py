@@ -65,6 +65,9 @@ def test_every_arm_at_every_checkpoint_with_paired_deltas(compared):
         assert list(row["models"]) == ["base", *labels]
         assert list(row["deltas"]) == [f"{m} - base" for m in labels] + \
             [f"dpo@{s} - {m}" for s in (1, 2) for m in others]
+    md = (tmp / "run" / "results_validation.md").read_text().splitlines()
+    assert len(md) == 2 + 1 + len(labels) + 2 * len(others)  # header, rule, base, models, primary's deltas
+    assert md[2].startswith("| base | ") and md[-1].startswith(f"| dpo@2 - {others[-1]} | ")
     sat = next(row for row in results["table"] if row["key"] == "satisfied")
     for name, d in sat["deltas"].items():  # paired difference of the same captions = difference of the means
         a, b = name.split(" - ")

@@ -258,10 +258,28 @@ def run_compare(cfg: CompareConfig) -> dict:
     save_config(cfg, out / f"compare_config{suffix}.yaml")
     results_path = out / f"results{suffix}.json"
     results_path.write_text(json.dumps(report, indent=2))
+    (out / f"results{suffix}.md").write_text(markdown_table(table))
     html = write_report(report, out, f"report{suffix}")
     print_table(table)
-    print(f"\nseconds: {seconds}\nresults: {results_path}\nreport:  {html}")
+    print(f"\nseconds: {seconds}\nresults: {results_path} (table: results{suffix}.md)\nreport:  {html}")
     return report
+
+
+def markdown_table(table: list[dict]) -> str:
+    """One row per model, one column per metric: the mean and, beside it, the paired difference against
+    the base with its 95% CI (bold when the CI excludes 0); then the other paired differences, one row each."""
+    head = "| model | " + " | ".join(f"{row['metric']} (n={row['n']})" for row in table) + " |"
+    lines = [head, "|" + "---|" * (len(table) + 1)]
+    ci = lambda d: ("**{:+.3f} [{:+.3f}, {:+.3f}]**" if d["ci95"][0] > 0 or d["ci95"][1] < 0
+                    else "{:+.3f} [{:+.3f}, {:+.3f}]").format(d["mean"], *d["ci95"])
+    for model in table[0]["models"]:
+        cells = [f"{row['models'][model]['mean']:.3f}" + (f" ({ci(row['deltas'][f'{model} - base'])})"
+                                                         if f"{model} - base" in row["deltas"] else "")
+                 for row in table]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    for name in (n for n in table[0]["deltas"] if not n.endswith(" - base")):
+        lines.append(f"| {name} | " + " | ".join(ci(row["deltas"][name]) for row in table) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def print_table(table: list[dict]) -> None:

@@ -171,9 +171,7 @@ def train_generator(unet, text_encoder, tokenizer, noise_scheduler, latents: tor
     Returns ``(metrics, ema_unet, ema_text)``: EMA models are what ships. ``snapshot(step,
     ema_unet, ema_text)`` is called every ``snapshot_every`` steps.
     """
-    from diffusers.training_utils import EMAModel
-
-    from diffusers.training_utils import compute_density_for_timestep_sampling
+    from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 
     from diffdpo.diffusion.logratios import TIMESTEP_SAMPLING, noisy_and_target, num_train_steps
     from diffdpo.diffusion.tango.position import with_time_ramp
