@@ -130,6 +130,7 @@ def test_test_split_evaluates_the_named_models_and_trains_nothing(compared, monk
     for row in final["table"]:
         assert list(row["models"]) == ["base", "dpo@2", "kto@1"]
         assert list(row["deltas"]) == ["dpo@2 - base", "kto@1 - base", "dpo@2 - kto@1"]
+    assert set(final["settings"]["train"]) == {"dpo", "kto"}  # arms with no model named are not even read back
     assert (tmp / "run" / "results.json").is_file() and (tmp / "run" / "eval" / "dpo" / "step_2" / "rows.json").is_file()
     assert not (tmp / "run" / "eval" / "dpo" / "step_1").exists()
 

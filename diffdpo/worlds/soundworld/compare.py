@@ -9,8 +9,8 @@ trains the winners' denoising loss only (the demo's baseline). The job:
 
 1. **prefs**: one preference set from the method's training captions (the demo's builder stage, shard by
    shard; on ``prefs_processes`` CPU processes when > 1);
-2. **train**: every arm to the largest of ``checkpoints`` steps with a checkpoint at each of them (same
-   seed, pairs, batch and learning rate unless the arm overrides them);
+2. **train**: every arm with a model to evaluate, to the largest of ``checkpoints`` steps with a checkpoint at
+   each of them (same seed, pairs, batch and learning rate unless the arm overrides them);
 3. **evaluate**: the base and the models named ``arm@step`` in ``models`` (every arm at every checkpoint
    when empty) on the same held-out captions and seeds: the oracle's caption satisfied, order, single-event
    accuracy, the proxy CLAP and FAD, with bootstrap 95% CIs and paired differences against the base and
@@ -176,8 +176,9 @@ def _worker(cfg_dict: dict, name: str) -> dict:
 
 
 def run_jobs(cfg: CompareConfig) -> dict[str, dict]:
-    """The base's and every arm's job, on ``workers`` processes; arms first, the base's evaluation last."""
-    names = [*cfg.arms, "base"]
+    """The jobs of the arms with a model to evaluate, then the base's, on ``workers`` processes."""
+    evaluated = {label.partition("@")[0] for label in cfg.evaluated()}
+    names = [*(arm for arm in cfg.arms if arm in evaluated), "base"]
     if cfg.workers == 1:
         return {name: job(cfg, name) for name in names}
     import multiprocessing
