@@ -871,7 +871,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     family_steps = {k: int(n) for k, n in (x.split("=") for x in args.family_steps)}
     plan = ([(f, n) for f in args.families for n in args.variants] if args.variants
             else [(f, n) for f, n in DEFAULT_PLAN if f in args.families])
-    fitted: dict[tuple[str, str], int] = {}  # (family, variant without @side) -> the side that fit
+    fitted: dict[tuple[str, str], int] = {}  # (family, variant without @side) -> the largest side that fit
 
     def save():
         if args.json:  # written as the run goes: a long run keeps what it measured
@@ -889,10 +889,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         if (family, name) in done:
             report["results"].append(done[(family, name)])
             if v.side:
-                fitted.setdefault((family, v.base), v.side)
+                fitted[(family, v.base)] = max(v.side, fitted.get((family, v.base), 0))
             print(f"{family:9s} {name:34s} kept from {args.json}", flush=True)
             continue
-        if v.side and (family, v.base) in fitted:
+        if v.side and fitted.get((family, v.base), 0) > v.side:  # a smaller side says nothing more
             add(row, "skipped", f"a larger image side ({fitted[(family, v.base)]}) fit")
             continue
         if args.budget_s is not None and time.time() - started > args.budget_s:
@@ -955,7 +955,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         res["loadavg_1min"] = [load0, os.getloadavg()[0]]
         report["results"].append(res)
         if v.side:
-            fitted.setdefault((family, v.base), v.side)
+            fitted[(family, v.base)] = max(v.side, fitted.get((family, v.base), 0))
         print(f"{family:9s} {name:34s} DPO {res['dpo_step_s']:8.2f}s  floor {res['floor_step_s']:8.2f}s  "
               f"x{res['dpo_over_floor']:.3f} (cpu x{res['dpo_over_floor_cpu']:.3f})  SFT {fmt(res['sft_step_s'], '.2f')}s"
               f"  peak {res['peak_dpo_gib']:6.2f} GiB  ({res['wall_s']:.0f}s wall, load {load0:.1f})", flush=True)
