@@ -19,7 +19,9 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 BASE_MODEL_DIR = WEIGHTS_DIR / "generator"
 # The shipped bases, each a generator and the proxy CLAP trained on the same captions: "clean" learnt
 # from captions as written, "weak" from weakly labelled ones (docs/soundworld_weak_captions.md). Both
-# share one VAE and are judged by one oracle (WEIGHTS_DIR / "oracle").
+# share one VAE and are judged by one oracle (WEIGHTS_DIR / "oracle"). weights_flow/generator is the weak
+# base's rectified-flow variant (same captions, so the weak CLAP scores it): a demo config names it with
+# ``base: weak`` and ``base_model`` (recipes/configs/soundworld_demo_flow.yaml).
 BASES = {"clean": WEIGHTS_DIR, "weak": Path(__file__).parent / "weights_weak"}
 
 
