@@ -227,7 +227,8 @@ def run_crpo(cfg: CrpoConfig) -> dict:
     from diffdpo.report import write_report
     from diffdpo.worlds.soundworld.clap import SoundWorldClap
     from diffdpo.worlds.soundworld.dataset import clips, split_scenes
-    from diffdpo.worlds.soundworld.demo import evaluate_pipeline, example_indices, oracle_verdict, summary_text
+    from diffdpo.worlds.soundworld.demo import (evaluate_pipeline, evaluation_settings, example_indices, oracle_verdict,
+                                                summary_text)
     from diffdpo.worlds.soundworld.oracle import Oracle
 
     if cfg.threads:
@@ -335,8 +336,7 @@ def run_crpo(cfg: CrpoConfig) -> dict:
         "rounds": history,
         "settings": {"crpo": to_dict(cfg), "settings_hash": key, "prompts": len(prompts),
                      "models": {"base": shown_path(cfg.model_dir), "final": shown_path(out / "final")},
-                     "evaluation": {**to_dict(ev), "oracle": "SoundWorld oracle (weights/oracle)",
-                                    "clap": clap.checkpoint_id, "split_seed": cfg.data_seed},
+                     "evaluation": evaluation_settings(ev, clap, cfg.data_seed),
                      "seconds": {**timings, "this process": round(time.time() - started, 1)}},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))

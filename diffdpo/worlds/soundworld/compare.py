@@ -204,8 +204,9 @@ def run_compare(cfg: CompareConfig) -> dict:
     from diffdpo.report import write_report
     from diffdpo.worlds.soundworld.clap import SoundWorldClap
     from diffdpo.worlds.soundworld.dataset import clips
-    from diffdpo.worlds.soundworld.demo import (_model_dir, audit_pairs, example_indices, oracle_verdict,
-                                                results_table, split_suffix, summary_text)
+    from diffdpo.worlds.soundworld.demo import (_model_dir, audit_pairs, evaluation_settings, example_indices,
+                                                oracle_verdict, results_table, split_suffix, summary_text,
+                                                training_curves)
     from diffdpo.worlds.soundworld.oracle import Oracle
     from diffdpo.worlds.soundworld.reproduce import build_set
 
@@ -241,8 +242,7 @@ def run_compare(cfg: CompareConfig) -> dict:
                    "the loser does not in {winner_only:.0%}, the reverse in {loser_only:.0%}, a tie in {tie:.0%}."
                    .format(**audit["all"]),
         "table": table,
-        "curves": {arm: [{"step": k + 1, **h} for k, h in enumerate(j["train"]["history"])]
-                   for arm, j in jobs.items() if j["train"]},
+        "curves": training_curves({arm: j["train"] for arm, j in jobs.items() if j["train"]}),
         "examples": examples,
         "pair_audit": audit,
         "settings": {"compare": to_dict(cfg), "method": to_dict(demo),
@@ -252,8 +252,7 @@ def run_compare(cfg: CompareConfig) -> dict:
                      "models": {"base": _model_dir(demo, out, "base"),
                                 **{m: str(out / m.split("@")[0] / "checkpoints" / f"step_{m.split('@')[1]}")
                                    for m in cfg.evaluated()}},
-                     "evaluation": {**dataclasses.asdict(ev), "clap": clap.checkpoint_id, "split_seed": demo.data_seed,
-                                    "oracle": "SoundWorld oracle (weights/oracle)"},
+                     "evaluation": evaluation_settings(ev, clap, demo.data_seed),
                      "seconds": seconds},
     }
     save_config(cfg, out / f"compare_config{suffix}.yaml")

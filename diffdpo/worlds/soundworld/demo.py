@@ -338,6 +338,17 @@ def results_table(evals: dict[str, dict], scenes, reference: np.ndarray, n_resam
     return table
 
 
+def training_curves(runs: dict[str, dict]) -> dict[str, list[dict]]:
+    """The report's curves: each trained model's history (``train_model``'s summary), steps counted from 1."""
+    return {name: [{"step": k + 1, **h} for k, h in enumerate(run["history"])] for name, run in runs.items()}
+
+
+def evaluation_settings(ev: EvalSettings, clap, data_seed: int) -> dict:
+    """What a held-out evaluation was made with, as every SoundWorld report records it."""
+    return {**asdict(ev), "oracle": "SoundWorld oracle (weights/oracle)", "clap": clap.checkpoint_id,
+            "split_seed": data_seed}
+
+
 def summary_text(table: list[dict]) -> str:
     row = table[0]
     parts = [f"{m}: {v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" for m, v in row["models"].items()]
@@ -397,15 +408,14 @@ def run_demo(cfg: DemoConfig) -> dict:
                    "loser does not in {winner_only:.0%}, the reverse in {loser_only:.0%}, a tie in {tie:.0%}.".format(
                        **audit["all"]),
         "table": table,
-        "curves": {name: [{"step": k + 1, **h} for k, h in enumerate(r["history"])] for name, r in runs.items()},
+        "curves": training_curves(runs),
         "examples": examples,
         "pair_audit": audit,
         "settings": {"demo": to_dict(cfg), "prefs_manifest": {k: v for k, v in manifest.items() if k != "config"},
                      "train": {name: r["settings"] for name, r in runs.items()},
                      "pairs": {name: r["pairs"] for name, r in runs.items()},
                      "models": {m: _model_dir(cfg, out, m) for m in evals},
-                     "evaluation": {**asdict(cfg.evaluate), "oracle": "SoundWorld oracle (weights/oracle)",
-                                    "clap": clap.checkpoint_id, "split_seed": cfg.data_seed},
+                     "evaluation": evaluation_settings(cfg.evaluate, clap, cfg.data_seed),
                      "seconds": {**timings, "total": round(time.time() - started, 1)}},
     }
     save_config(cfg, out / "demo_config.yaml")  # what made results.json (the sweep reads it)

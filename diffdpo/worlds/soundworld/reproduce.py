@@ -299,7 +299,8 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
     from diffdpo.report import write_report
     from diffdpo.worlds.soundworld.clap import SoundWorldClap
     from diffdpo.worlds.soundworld.dataset import clips
-    from diffdpo.worlds.soundworld.demo import _model_dir, example_indices, oracle_verdict, split_suffix
+    from diffdpo.worlds.soundworld.demo import (_model_dir, evaluation_settings, example_indices, oracle_verdict,
+                                                split_suffix, training_curves)
 
     demo = method_config(cfg)  # every config mistake is found before anything runs
     if cfg.threads:
@@ -344,8 +345,7 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
         "table": table,
         "interval_charts": _charts(points),
         "dose_response": points,
-        "curves": {name: [{"step": k + 1, **h} for k, h in enumerate(r["train"]["history"])]
-                   for name, r in results.items() if r["train"]},
+        "curves": training_curves({name: r["train"] for name, r in results.items() if r["train"]}),
         "examples": examples,
         "nested_pairs": nested,
         "settings": {"reproduce": to_dict(cfg), "method": to_dict(demo),
@@ -353,8 +353,7 @@ def run_reproduce(cfg: ReproduceConfig) -> dict:
                      "train": {name: r["train"]["settings"] for name, r in results.items() if r["train"]},
                      "pairs_read": {name: r["train"]["pairs"] for name, r in results.items() if r["train"]},
                      "models": {name: _model_dir(demo, out, name) for name in results},
-                     "evaluation": {**dataclasses.asdict(ev), "clap": clap.checkpoint_id, "split_seed": demo.data_seed,
-                                    "oracle": "SoundWorld oracle (weights/oracle)"},
+                     "evaluation": evaluation_settings(ev, clap, demo.data_seed),
                      "seconds": seconds},
     }
     save_config(cfg, out / "reproduce_config.yaml")
